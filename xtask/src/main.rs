@@ -4,7 +4,6 @@
 //! test, and prints a `N passed, N failed` summary. `cargo xtask demo` runs the whole stack with an example app.
 
 mod cache;
-mod debian;
 mod demo;
 mod proc;
 mod setup;
@@ -57,7 +56,7 @@ fn run(args: &[String]) -> Result<i32> {
             let Some((suite, packages)) = rest.split_first() else {
                 bail!("fetch-deb needs a suite and at least one package");
             };
-            let apt = debian::PrivateApt::new(suite)?;
+            let apt = dstack_apt::PrivateApt::new(suite, &cache::subdir("apt")?)?;
             for package in packages {
                 let dir = apt.unpack(package)?;
                 println!("{package}: {}", dir.display());

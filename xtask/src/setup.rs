@@ -6,7 +6,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cache, debian::PrivateApt, proc};
+use dstack_apt::PrivateApt;
+
+use crate::{cache, proc};
 
 /// Host (bookworm) packages the test suite uses.
 const HOST_PACKAGES: &[&str] = &["ca-certificates", "dpkg-dev"];
@@ -26,7 +28,7 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
     ensure_apt_packages(HOST_PACKAGES)?;
 
     for (suite, package, file, var) in DEBIAN_FIXTURES {
-        let apt = PrivateApt::new(suite)?;
+        let apt = PrivateApt::new(suite, &cache::subdir("apt")?)?;
         let root = apt
             .unpack(package)
             .with_context(|| format!("fetching fixture {package} from {suite}"))?;

@@ -5,12 +5,56 @@
 //! never written into the project. `DSTACK_DEBIAN_MIRROR` overrides it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+/// Errors from the private apt.
+#[derive(Debug, thiserror::Error)]
+pub enum AptError {
+    #[error("no Debian main archive in the apt configuration; set DSTACK_DEBIAN_MIRROR to a Debian mirror URI")]
+    NoSource,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Lookup(String),
+}
 
-use crate::{cache, proc};
+type Result<T> = std::result::Result<T, AptError>;
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AptError {
+    let context = context.into();
+    move |source| AptError::Io { context, source }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))
+}
+
+/// Runs a command quietly; returns stdout, or an error carrying stderr.
+fn run_quiet(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("starting {cmd:?}")))?;
+    if !out.status.success() {
+        return Err(AptError::Command {
+            command: format!("{cmd:?}"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Package lists older than this are refreshed.
@@ -32,19 +76,25 @@ pub struct PrivateApt {
 }
 
 impl PrivateApt {
-    pub fn new(suite: &str) -> Result<Self> {
-        let source = host_debian_source()?;
-        let state = cache::subdir(&format!("apt/{suite}"))?;
+    /// A private apt for `suite` with its state under `state_root/<suite>`, using the host's mirror.
+    pub fn new(suite: &str, state_root: &Path) -> Result<Self> {
+        Self::with_source(suite, state_root, host_debian_source()?)
+    }
+
+    /// Like [`PrivateApt::new`] with an explicit source.
+    pub fn with_source(suite: &str, state_root: &Path, source: AptSource) -> Result<Self> {
+        let state = state_root.join(suite);
+        create_dir(&state)?;
         let keyring = source.signed_by.as_deref().unwrap_or(DEFAULT_KEYRING);
         let sources_list = state.join("sources.list");
         let line = format!("deb [signed-by={keyring}] {} {suite} main\n", source.uri);
         if std::fs::read_to_string(&sources_list).ok().as_deref() != Some(line.as_str()) {
-            std::fs::write(&sources_list, line)?;
+            std::fs::write(&sources_list, line).map_err(io_err("writing sources.list"))?;
             // A different mirror or keyring invalidates the lists.
             let _ = std::fs::remove_dir_all(state.join("lists"));
         }
         for dir in ["lists/partial", "archives/partial"] {
-            cache::ensure_dir(&state.join(dir))?;
+            create_dir(&state.join(dir))?;
         }
         Ok(Self {
             suite: suite.to_owned(),
@@ -53,7 +103,13 @@ impl PrivateApt {
         })
     }
 
-    fn apt(&self, program: &str) -> Command {
+    /// The suite this apt serves.
+    pub fn suite(&self) -> &str {
+        &self.suite
+    }
+
+    /// An `apt-get`/`apt-cache` command wired to the private state, for queries this type does not wrap.
+    pub fn apt(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         cmd.arg("-q")
             .arg(format!("-oDir::Etc::SourceList={}", self.sources_list.display()))
@@ -80,22 +136,24 @@ impl PrivateApt {
         if fresh {
             return Ok(());
         }
-        eprintln!("xtask: updating apt lists for {}", self.suite);
-        proc::output(self.apt("apt-get").arg("update"))
-            .with_context(|| format!("apt-get update for suite {}", self.suite))?;
-        std::fs::write(&stamp, b"")?;
-        Ok(())
+        self.update()?;
+        std::fs::write(&stamp, b"").map_err(io_err("writing update stamp"))
+    }
+
+    /// Refreshes the package lists unconditionally.
+    pub fn update(&self) -> Result<()> {
+        eprintln!("apt: updating package lists for {}", self.suite);
+        run_quiet(self.apt("apt-get").arg("update")).map(drop)
     }
 
     /// The version apt would download for `package` (after refreshing lists if stale).
     pub fn candidate_version(&self, package: &str) -> Result<String> {
         self.update_if_stale()?;
-        let out = proc::output(self.apt("apt-cache").args(["show", "--no-all-versions", package]))
-            .with_context(|| format!("looking up {package} in {}", self.suite))?;
+        let out = run_quiet(self.apt("apt-cache").args(["show", "--no-all-versions", package]))?;
         out.lines()
             .find_map(|l| l.strip_prefix("Version: "))
             .map(|v| v.trim().to_owned())
-            .with_context(|| format!("no Version for {package} in {}", self.suite))
+            .ok_or_else(|| AptError::Lookup(format!("no version of {package} in {}", self.suite)))
     }
 
     /// Downloads `package` (optionally `package=version`) into the cache; returns the .deb path.
@@ -105,37 +163,34 @@ impl PrivateApt {
             None => (package, self.candidate_version(package)?),
         };
         let debs = self.state.join("debs");
-        cache::ensure_dir(&debs)?;
+        create_dir(&debs)?;
         if let Some(found) = find_deb(&debs, name, &version)? {
             return Ok(found);
         }
         self.update_if_stale()?;
-        eprintln!("xtask: downloading {name} {version} ({})", self.suite);
-        proc::output(
+        eprintln!("apt: downloading {name} {version} ({})", self.suite);
+        run_quiet(
             self.apt("apt-get")
                 .current_dir(&debs)
                 .args(["download", &format!("{name}={version}")]),
         )?;
-        find_deb(&debs, name, &version)?.with_context(|| format!("apt-get download left no .deb for {name} {version}"))
+        find_deb(&debs, name, &version)?
+            .ok_or_else(|| AptError::Lookup(format!("apt-get download left no .deb for {name} {version}")))
     }
 
     /// Downloads and unpacks `package` into the cache; returns the root of the unpacked tree.
     pub fn unpack(&self, package: &str) -> Result<PathBuf> {
         let deb = self.download(package)?;
-        let stem = deb
-            .file_stem()
-            .context("bad .deb file name")?
-            .to_string_lossy()
-            .into_owned();
+        let stem = deb.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let dest = self.state.join("unpacked").join(stem);
         let done = dest.join(".unpacked");
         if done.exists() {
             return Ok(dest);
         }
         let _ = std::fs::remove_dir_all(&dest);
-        cache::ensure_dir(&dest)?;
-        proc::output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
-        std::fs::write(done, b"")?;
+        create_dir(&dest)?;
+        run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
+        std::fs::write(done, b"").map_err(io_err("writing unpack stamp"))?;
         Ok(dest)
     }
 }
@@ -144,8 +199,9 @@ impl PrivateApt {
 fn find_deb(dir: &Path, name: &str, version: &str) -> Result<Option<PathBuf>> {
     let version = version.replace(':', "%3a");
     let prefix = format!("{name}_{version}_");
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
+    let entries = std::fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    for entry in entries {
+        let path = entry.map_err(io_err("reading directory entry"))?.path();
         let file = path
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -172,17 +228,20 @@ pub fn host_debian_source() -> Result<AptSource> {
         files.sort();
         for file in files {
             if file.extension().is_some_and(|e| e == "sources") {
-                sources.extend(parse_deb822(&std::fs::read_to_string(&file)?));
+                sources.extend(parse_deb822(&read(&file)?));
             } else if file.extension().is_some_and(|e| e == "list") {
-                sources.extend(parse_one_line(&std::fs::read_to_string(&file)?));
+                sources.extend(parse_one_line(&read(&file)?));
             }
         }
     }
     if let Ok(text) = std::fs::read_to_string("/etc/apt/sources.list") {
         sources.extend(parse_one_line(&text));
     }
-    pick_main_source(sources)
-        .context("no Debian main archive in the apt configuration; set DSTACK_DEBIAN_MIRROR to a Debian mirror URI")
+    pick_main_source(sources).ok_or(AptError::NoSource)
+}
+
+fn read(file: &Path) -> Result<String> {
+    std::fs::read_to_string(file).map_err(io_err(format!("reading {}", file.display())))
 }
 
 fn pick_main_source(sources: Vec<AptSource>) -> Option<AptSource> {
