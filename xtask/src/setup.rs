@@ -18,7 +18,7 @@ const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] =
     &[("trixie", "ovmf", "usr/share/ovmf/OVMF.fd", "DSTACK_TEST_OVMF")];
 
 /// Python packages (PyPI) installed into the test virtualenv: the real dstack SDK for interop tests.
-const PYTHON_PACKAGES: &[&str] = &["dstack-sdk==0.5.4"];
+const PYTHON_PACKAGES: &[&str] = &["dstack-sdk==0.5.4", "eth-hash[pycryptodome]"];
 
 /// Environment variables handed to the test processes.
 pub type TestEnv = Vec<(String, String)>;

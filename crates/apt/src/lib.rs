@@ -136,14 +136,15 @@ impl PrivateApt {
         if fresh {
             return Ok(());
         }
-        self.update()?;
-        std::fs::write(&stamp, b"").map_err(io_err("writing update stamp"))
+        self.update()
     }
 
     /// Refreshes the package lists unconditionally.
     pub fn update(&self) -> Result<()> {
         eprintln!("apt: updating package lists for {}", self.suite);
-        run_quiet(self.apt("apt-get").arg("update")).map(drop)
+        run_quiet(self.apt("apt-get").arg("update"))?;
+        let stamp = self.state.join("lists/.updated");
+        std::fs::write(&stamp, b"").map_err(io_err("writing update stamp"))
     }
 
     /// The version apt would download for `package` (after refreshing lists if stale).
@@ -176,6 +177,37 @@ impl PrivateApt {
         )?;
         find_deb(&debs, name, &version)?
             .ok_or_else(|| AptError::Lookup(format!("apt-get download left no .deb for {name} {version}")))
+    }
+
+    /// Downloads exact `package=version` specs in one apt-get call (already cached ones are skipped);
+    /// returns the .deb paths in the order given.
+    pub fn download_many(&self, specs: &[String]) -> Result<Vec<PathBuf>> {
+        let debs = self.state.join("debs");
+        create_dir(&debs)?;
+        let mut wanted = Vec::new();
+        for spec in specs {
+            let (name, version) = spec
+                .split_once('=')
+                .ok_or_else(|| AptError::Lookup(format!("{spec}: expected package=version")))?;
+            wanted.push((name, version));
+        }
+        let missing: Vec<&String> = specs
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, (n, v))| find_deb(&debs, n, v).ok().flatten().is_none())
+            .map(|(spec, _)| spec)
+            .collect();
+        if !missing.is_empty() {
+            self.update_if_stale()?;
+            run_quiet(self.apt("apt-get").current_dir(&debs).arg("download").args(&missing))?;
+        }
+        wanted
+            .iter()
+            .map(|(n, v)| {
+                find_deb(&debs, n, v)?
+                    .ok_or_else(|| AptError::Lookup(format!("apt-get download left no .deb for {n} {v}")))
+            })
+            .collect()
     }
 
     /// Downloads and unpacks `package` into the cache; returns the root of the unpacked tree.

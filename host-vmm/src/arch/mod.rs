@@ -1,0 +1,3 @@
+//! Architecture-specific boot setup.
+
+pub mod x86_64;

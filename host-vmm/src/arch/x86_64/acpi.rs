@@ -1,0 +1,161 @@
+//! ACPI tables as a pure function of the VM shape (no KVM, no guest memory), so the measurement predictor can
+//! produce the exact same bytes. Hardware-reduced ACPI (like Cloud Hypervisor): RSDP → XSDT → FADT (+ DSDT)
+//! and MADT; power-off and reset go through the sleep-control and reset registers of our `acpi_pm` device.
+//!
+//! Not yet covered: MCFG / PCI host bridge in the DSDT (with virtio-pci), CCEL (boot event log), and
+//! verification against a real Linux boot (not possible on PVM hosts; see DESIGN.md §10).
+
+use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+
+/// Where the RSDP and the tables after it are placed (inside the BIOS area Linux scans for "RSD PTR ").
+pub const ACPI_BASE: u64 = 0xe0000;
+/// I/O port of the sleep control register (write `SLP_TYP << 2 | SLP_EN`) and, at +1, the reset register.
+pub const ACPI_PM_PORT: u16 = 0x3c0;
+/// `SLP_TYP` of S5 (soft off) announced in the DSDT's `\_S5` package.
+pub const SLP_TYP_S5: u8 = 5;
+/// Value the guest writes to the reset register.
+pub const RESET_VALUE: u8 = 1;
+
+const OEM_ID: &[u8; 6] = b"DSTACK";
+const OEM_TABLE_ID: &[u8; 8] = b"HOSTVMM ";
+const CREATOR_ID: &[u8; 4] = b"DSRS";
+const HEADER_LEN: usize = 36;
+const RSDP_LEN: usize = 36;
+
+/// The guest-visible shape the tables describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiShape {
+    pub vcpus: u32,
+}
+
+/// The table blob and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiTables {
+    /// Guest-physical address of `bytes[0]` (the RSDP).
+    pub base: u64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcpiError {
+    #[error("ACPI MADT supports 1..=255 vCPUs with xAPIC entries, got {0}")]
+    BadVcpus(u32),
+}
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |acc, b| acc.wrapping_sub(*b))
+}
+
+/// A system description table: header with length and checksum filled in.
+fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let len = (HEADER_LEN + body.len()) as u32;
+    let mut t = Vec::with_capacity(len as usize);
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&len.to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(OEM_TABLE_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+    t.extend_from_slice(CREATOR_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+    t.extend_from_slice(body);
+    t[9] = checksum(&t);
+    t
+}
+
+/// Generic Address Structure for a byte-wide I/O port.
+fn gas_io_byte(port: u16) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O space
+    g[1] = 8; // register bit width
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+/// DSDT: only `Name (\_S5, Package () { 5, 0 })` so the OS knows the S5 sleep type.
+fn dsdt() -> Vec<u8> {
+    // NameOp "_S5_" PackageOp PkgLength(5) NumElements(2) BytePrefix 5, ZeroOp
+    let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, SLP_TYP_S5, 0x00];
+    sdt(b"DSDT", 2, &aml)
+}
+
+/// FADT revision 6.x, hardware-reduced, pointing at the DSDT.
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut body = vec![0u8; 276 - HEADER_LEN];
+    let mut put =
+        |off: usize, bytes: &[u8]| body[off - HEADER_LEN..off - HEADER_LEN + bytes.len()].copy_from_slice(bytes);
+    put(40, &(dsdt_addr as u32).to_le_bytes()); // DSDT (32-bit)
+    // Flags: WBINVD (0) | RESET_REG_SUP (10) | HW_REDUCED_ACPI (20).
+    put(112, &((1u32 << 0) | (1 << 10) | (1 << 20)).to_le_bytes());
+    put(116, &gas_io_byte(ACPI_PM_PORT + 1)); // RESET_REG
+    put(128, &[RESET_VALUE]);
+    put(131, &[5]); // FADT minor version: ACPI 6.5
+    put(140, &dsdt_addr.to_le_bytes()); // X_DSDT
+    put(244, &gas_io_byte(ACPI_PM_PORT)); // SLEEP_CONTROL_REG
+    put(256, &gas_io_byte(ACPI_PM_PORT)); // SLEEP_STATUS_REG
+    put(268, b"DSTACKRS"); // hypervisor vendor identity
+    sdt(b"FACP", 6, &body)
+}
+
+/// MADT: one enabled local APIC per vCPU (UID = APIC ID = index), the IOAPIC at GSI 0, LINT1 = NMI.
+fn madt(vcpus: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    body.extend_from_slice(&1u32.to_le_bytes()); // PCAT_COMPAT: dual 8259 present
+    for id in 0..vcpus {
+        body.extend_from_slice(&[0, 8, id as u8, id as u8]);
+        body.extend_from_slice(&1u32.to_le_bytes()); // enabled
+    }
+    body.extend_from_slice(&[1, 12, vcpus as u8, 0]); // IOAPIC id follows the CPUs (as in the MP table)
+    body.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]); // local APIC NMI: all processors, flags 0, LINT1
+    sdt(b"APIC", 5, &body)
+}
+
+fn align16(v: &mut Vec<u8>) {
+    v.resize(v.len().next_multiple_of(16), 0);
+}
+
+/// Builds RSDP + XSDT + FADT + DSDT + MADT for `shape`, laid out from [`ACPI_BASE`].
+pub fn build(shape: &AcpiShape) -> Result<AcpiTables, AcpiError> {
+    if shape.vcpus == 0 || shape.vcpus > 255 {
+        return Err(AcpiError::BadVcpus(shape.vcpus));
+    }
+    let base = ACPI_BASE;
+    let mut blob = vec![0u8; RSDP_LEN];
+    align16(&mut blob);
+
+    let dsdt_addr = base + blob.len() as u64;
+    blob.extend_from_slice(&dsdt());
+    align16(&mut blob);
+    let fadt_addr = base + blob.len() as u64;
+    blob.extend_from_slice(&fadt(dsdt_addr));
+    align16(&mut blob);
+    let madt_addr = base + blob.len() as u64;
+    blob.extend_from_slice(&madt(shape.vcpus));
+    align16(&mut blob);
+    let xsdt_addr = base + blob.len() as u64;
+    let entries: Vec<u8> = [fadt_addr, madt_addr].iter().flat_map(|a| a.to_le_bytes()).collect();
+    blob.extend_from_slice(&sdt(b"XSDT", 1, &entries));
+
+    let mut rsdp = Vec::with_capacity(RSDP_LEN);
+    rsdp.extend_from_slice(b"RSD PTR ");
+    rsdp.push(0); // checksum of the first 20 bytes
+    rsdp.extend_from_slice(OEM_ID);
+    rsdp.push(2); // revision: ACPI 2.0+
+    rsdp.extend_from_slice(&0u32.to_le_bytes()); // RSDT address: none, XSDT only
+    rsdp.extend_from_slice(&(RSDP_LEN as u32).to_le_bytes());
+    rsdp.extend_from_slice(&xsdt_addr.to_le_bytes());
+    rsdp.extend_from_slice(&[0; 4]); // extended checksum + reserved
+    rsdp[8] = checksum(&rsdp[..20]);
+    rsdp[32] = checksum(&rsdp);
+    blob[..RSDP_LEN].copy_from_slice(&rsdp);
+    Ok(AcpiTables { base, bytes: blob })
+}
+
+#[cfg(test)]
+#[path = "acpi_tests.rs"]
+mod tests;

@@ -1,0 +1,137 @@
+//! Boots one VM and exits with the guest's status (see `VmExit::exit_code`).
+
+use std::fs::OpenOptions;
+use std::io::LineWriter;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use dstack_host_vmm::devices::serial::SerialSink;
+use dstack_host_vmm::hypervisor::kvm::KvmHypervisor;
+use dstack_host_vmm::timing::{boottime_ns, process_start_ns};
+use dstack_host_vmm::{RunReport, VmConfig, VmExit, Vmm};
+
+#[derive(Parser, Debug)]
+#[command(name = "dstack-vmm-run", about = "Boot one VM on /dev/kvm")]
+struct Args {
+    /// Kernel: bzImage or ELF vmlinux (entered through the 64-bit boot protocol).
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Guest serial output is appended to this file.
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Also copy guest serial output to stdout.
+    #[arg(long)]
+    serial_stdout: bool,
+    /// Stop the VM after this many milliseconds (exit status 124).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Provide ACPI tables (RSDP/XSDT/FADT/DSDT/MADT) in addition to the MP table.
+    #[arg(long)]
+    acpi: bool,
+    /// Print setup timing (process start → first KVM_RUN) and RSS to stderr.
+    #[arg(long)]
+    print_timing: bool,
+}
+
+fn print_timing(main_ns: u64, report: &RunReport) {
+    let t = &report.timing;
+    let ms = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / 1e6;
+    let start = process_start_ns();
+    if let Some(start) = start {
+        eprintln!(
+            "timing: process start → first KVM_RUN {:.2} ms (process start has clock-tick resolution)",
+            ms(start, t.first_run_ns)
+        );
+    }
+    eprintln!(
+        "timing: main → setup start {:.2} ms, setup {:.2} ms, main → first KVM_RUN {:.2} ms, first KVM_RUN → \
+         first exit {:.2} ms, run {:.2} ms",
+        ms(main_ns, t.setup_start_ns),
+        ms(t.setup_start_ns, t.setup_done_ns),
+        ms(main_ns, t.first_run_ns),
+        ms(t.first_run_ns, t.first_exit_ns),
+        ms(t.first_run_ns, t.end_ns),
+    );
+    eprintln!(
+        "timing-raw: process_start_ns={} main_ns={} setup_start_ns={} setup_done_ns={} first_run_ns={} \
+         first_exit_ns={} end_ns={}",
+        start.unwrap_or(0),
+        main_ns,
+        t.setup_start_ns,
+        t.setup_done_ns,
+        t.first_run_ns,
+        t.first_exit_ns,
+        t.end_ns
+    );
+    if let Some(rss) = report.rss {
+        eprintln!(
+            "rss: total_kib={} guest_kib={} vmm_kib={}",
+            rss.total_kib,
+            rss.guest_kib,
+            rss.vmm_kib()
+        );
+    }
+    eprintln!(
+        "exits: userspace={} unknown_io={}",
+        report.userspace_exits, report.unknown_count
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let main_ns = boottime_ns();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+
+    let log = match &args.serial_log {
+        Some(p) => Some(LineWriter::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening serial log {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let sink = SerialSink {
+        log,
+        stdout: args.serial_stdout,
+        capture: None,
+    };
+    let config = VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        timeout: args.timeout_ms.map(Duration::from_millis),
+        acpi: args.acpi,
+    };
+    let hv = KvmHypervisor::new().context("opening /dev/kvm")?;
+    let vmm = Vmm::new(&hv, &config, sink).context("setting up the VM")?;
+    let report = vmm.run().context("running the VM")?;
+    if args.print_timing {
+        print_timing(main_ns, &report);
+    }
+    match &report.exit {
+        VmExit::DebugExit(v) => eprintln!("vm: debug exit with status {v:#x}"),
+        VmExit::Reset => eprintln!("vm: guest requested reset; stopped"),
+        VmExit::PowerOff => eprintln!("vm: guest powered off"),
+        VmExit::TripleFault(d) => eprintln!("vm: triple fault\n{d}"),
+        VmExit::Crashed(d) => eprintln!("vm: crashed\n{d}"),
+        VmExit::Timeout => eprintln!("vm: timed out"),
+    }
+    std::process::exit(report.exit.exit_code());
+}

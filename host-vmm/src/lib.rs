@@ -1,0 +1,21 @@
+//! dstack host VMM: boots a VM directly on KVM with rust-vmm crates.
+//!
+//! Structure (Firecracker / Cloud Hypervisor style):
+//! - [`hypervisor`]: every raw KVM ioctl, behind the `Hypervisor` → `Vm` → `Vcpu` traits, plus a recording
+//!   fake for unit tests.
+//! - [`memory`]: guest RAM regions around the 32-bit MMIO hole.
+//! - [`arch::x86_64`]: kernel loading, zero page, page tables, long-mode registers, CPUID, MSRs, MP table.
+//! - [`devices`]: PIO/MMIO buses, 16550 serial, i8042, debug-exit port.
+//! - [`vcpu`]: the run loop and failure diagnostics; [`vmm`]: building and running one VM.
+
+pub mod arch;
+pub mod devices;
+pub mod hypervisor;
+pub mod memory;
+pub mod payload;
+pub mod timing;
+pub mod vcpu;
+pub mod vmm;
+
+pub use vcpu::{VcpuDiagnostics, VmExit};
+pub use vmm::{RunReport, VmConfig, Vmm, VmmError};
