@@ -11,7 +11,7 @@ use dstack_apt::PrivateApt;
 use crate::{cache, proc};
 
 /// Host (bookworm) packages the test suite uses.
-const HOST_PACKAGES: &[&str] = &["ca-certificates", "dpkg-dev"];
+const HOST_PACKAGES: &[&str] = &["ca-certificates", "dpkg-dev", "osslsigncode"];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).
 const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] =
@@ -39,6 +39,9 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
         env.push((var.to_string(), path.display().to_string()));
     }
 
+    let pe_digests = pe_digest_fixture().context("preparing Authenticode reference digests")?;
+    env.push(("DSTACK_TEST_PE_DIGESTS".into(), pe_digests.display().to_string()));
+
     let python = ensure_python_venv(PYTHON_PACKAGES)?;
     env.push(("DSTACK_TEST_PYTHON".into(), python.display().to_string()));
 
@@ -49,6 +52,64 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
         env.push(("DSTACK_REQUIRE_KVM".into(), "1".into()));
     }
     Ok(env)
+}
+
+/// Real EFI binaries (Debian's systemd-boot) with their Authenticode SHA-384 computed by `osslsigncode`, an
+/// independent implementation, as `<hex digest> <path>` lines for the measurements crate's cross-check.
+fn pe_digest_fixture() -> Result<PathBuf> {
+    let root = PrivateApt::new("bookworm", &cache::subdir("apt")?)?.unpack("systemd-boot-efi")?;
+    let efi_dir = root.join("usr/lib/systemd/boot/efi");
+    let list = cache::subdir("fixtures")?.join("pe-digests.txt");
+    let mut lines = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&efi_dir)
+        .with_context(|| format!("reading {}", efi_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.ends_with(".efi") || name.ends_with(".efi.stub")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no EFI binaries in {}", efi_dir.display());
+    }
+    let fixtures = cache::subdir("fixtures")?;
+    let der = fixtures.join("authenticode.der");
+    for original in files {
+        // osslsigncode hashes a file as it would sign it: padded with zeros to a multiple of 8 bytes. Hash
+        // padded copies so both tools see the same bytes (firmware hashes the file as it is).
+        let mut bytes = std::fs::read(&original)?;
+        bytes.resize(bytes.len().next_multiple_of(8), 0);
+        let file = fixtures.join(original.file_name().context("EFI file name")?);
+        std::fs::write(&file, bytes)?;
+        let _ = std::fs::remove_file(&der);
+        proc::output(
+            Command::new("osslsigncode")
+                .args(["extract-data", "-h", "sha384", "-in"])
+                .arg(&file)
+                .arg("-out")
+                .arg(&der),
+        )?;
+        let digest = last_sha384_octet_string(&std::fs::read(&der)?)
+            .with_context(|| format!("no SHA-384 digest in osslsigncode output for {}", file.display()))?;
+        lines.push_str(&format!("{} {}\n", hex_lower(&digest), file.display()));
+    }
+    std::fs::write(&list, lines)?;
+    Ok(list)
+}
+
+/// The message digest of an Authenticode `SpcIndirectDataContent`: the 48-byte OCTET STRING that follows the
+/// `AlgorithmIdentifier { sha384, NULL }` (DER `06 09 60 86 48 01 65 03 04 02 02 05 00 04 30`).
+fn last_sha384_octet_string(der: &[u8]) -> Option<[u8; 48]> {
+    const PREFIX: [u8; 15] = [
+        0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30,
+    ];
+    let start = der.windows(PREFIX.len()).rposition(|w| w == PREFIX)? + PREFIX.len();
+    der.get(start..start + 48)?.try_into().ok()
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_installed(package: &str) -> bool {

@@ -114,7 +114,7 @@ pub fn run(opts: &TestOptions) -> Result<i32> {
 
     eprintln!("xtask: cargo test");
     let mut child = cargo(&root, &target_dir)
-        .args(["test", "--workspace", "--locked"])
+        .args(["test", "--workspace", "--locked", "--no-fail-fast"])
         .args(&opts.cargo_args)
         .envs(env)
         .stdout(Stdio::piped())
