@@ -6,6 +6,8 @@
 //! - [`memory`]: guest RAM regions around the 32-bit MMIO hole.
 //! - [`arch::x86_64`]: kernel loading, zero page, page tables, long-mode registers, CPUID, MSRs, MP table.
 //! - [`devices`]: PIO/MMIO buses, 16550 serial, i8042, debug-exit port.
+//! - [`pci`]: the PCI root bus (CF8/ECAM config access, BAR windows, MSI-X over KVM GSI routing).
+//! - [`virtio`]: the virtio-pci transport and userspace devices (block, vsock, rng; net backends).
 //! - [`vcpu`]: the run loop and failure diagnostics; [`vmm`]: building and running one VM.
 
 pub mod arch;
@@ -13,9 +15,11 @@ pub mod devices;
 pub mod hypervisor;
 pub mod memory;
 pub mod payload;
+pub mod pci;
 pub mod timing;
 pub mod vcpu;
+pub mod virtio;
 pub mod vmm;
 
 pub use vcpu::{VcpuDiagnostics, VmExit};
-pub use vmm::{RunReport, VmConfig, Vmm, VmmError};
+pub use vmm::{DeviceConfig, DiskConfig, RunReport, VmConfig, Vmm, VmmError, VsockConfig};

@@ -18,8 +18,16 @@ use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice, Serial
 use crate::devices::{Bus, BusError};
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::{self, MemoryError};
+use crate::pci::msix::GsiRouter;
+use crate::pci::root::PciAccess;
+use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_SIZE, PciBusDevice, PciLayout, PciRoot};
 use crate::timing::{self, RssReport, boottime_ns};
 use crate::vcpu::{RunShared, UnknownAccess, VmExit, run_vcpu};
+use crate::virtio::VirtioDevice;
+use crate::virtio::block::{Block, Disk};
+use crate::virtio::pci::VirtioPci;
+use crate::virtio::rng::Rng;
+use crate::virtio::vsock::Vsock;
 
 /// What to boot and how big.
 #[derive(Debug, Clone)]
@@ -34,6 +42,36 @@ pub struct VmConfig {
     /// Write ACPI tables (RSDP at 0xe0000, announced in the zero page). Not yet verified with a real Linux
     /// boot, hence opt-in; the MP table is always present.
     pub acpi: bool,
+    /// Virtio-pci devices; with none, the VM has no PCI bus at all.
+    pub devices: DeviceConfig,
+}
+
+/// The virtio devices of a VM.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceConfig {
+    pub disks: Vec<DiskConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub rng: bool,
+}
+
+impl DeviceConfig {
+    pub fn is_empty(&self) -> bool {
+        self.disks.is_empty() && self.vsock.is_none() && !self.rng
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub cid: u64,
+    /// Host-side unix socket (Firecracker hybrid vsock): `CONNECT <port>` here, guest connections to port P
+    /// go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +96,14 @@ pub enum VmmError {
     MpTableWrite(vm_memory::GuestMemoryError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Pci(#[from] crate::pci::root::PciError),
+    #[error(transparent)]
+    Transport(#[from] crate::virtio::pci::TransportError),
+    #[error(transparent)]
+    Block(#[from] crate::virtio::block::BlockError),
+    #[error(transparent)]
+    Vsock(#[from] crate::virtio::vsock::VsockError),
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("spawning vCPU thread: {0}")]
@@ -138,7 +184,11 @@ impl Vmm {
             )?),
             None => None,
         };
-        let e820 = boot::e820_map(&boot::ram_layout(&mem));
+        let pci_layout = (!config.devices.is_empty()).then(|| PciLayout::for_ram(config.memory_mib << 20));
+        let mut e820 = boot::e820_map(&boot::ram_layout(&mem));
+        if let Some(p) = &pci_layout {
+            e820.push((p.ecam, ECAM_SIZE, boot::E820_RESERVED));
+        }
         let mut zp = boot::build_zero_page(&boot::ZeroPageConfig {
             setup_header: hdr,
             cmdline_len: config.cmdline.len(),
@@ -146,7 +196,10 @@ impl Vmm {
             e820: &e820,
         });
         if config.acpi {
-            let tables = acpi::build(&acpi::AcpiShape { vcpus: config.vcpus })?;
+            let tables = acpi::build(&acpi::AcpiShape {
+                vcpus: config.vcpus,
+                pci: pci_layout,
+            })?;
             mem.write_slice(&tables.bytes, GuestAddress(tables.base))
                 .map_err(VmmError::AcpiWrite)?;
             zp.acpi_rsdp_addr = tables.base;
@@ -157,7 +210,11 @@ impl Vmm {
         mem.write_slice(&mpt, GuestAddress(layout::EBDA_START))
             .map_err(VmmError::MpTableWrite)?;
 
-        let (pio, serial) = Self::legacy_devices(vm.as_ref(), sink)?;
+        let (mut pio, serial) = Self::legacy_devices(vm.as_ref(), sink)?;
+        let mut mmio = Bus::new();
+        if let Some(layout) = pci_layout {
+            Self::pci_devices(&vm, &mem, layout, &config.devices, &mut pio, &mut mmio)?;
+        }
 
         let supported = hv.supported_cpuid()?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
@@ -180,7 +237,7 @@ impl Vmm {
             vcpus,
             _vm: vm,
             pio,
-            mmio: Bus::new(),
+            mmio,
             serial,
             timeout: config.timeout,
             timing,
@@ -209,6 +266,64 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm)),
         )?;
         Ok((pio, serial))
+    }
+
+    /// The PCI root bus with the configured virtio devices, wired to the PIO (CF8/CFC) and MMIO (ECAM, BAR
+    /// windows) buses.
+    fn pci_devices(
+        vm: &Arc<dyn Vm>,
+        mem: &GuestMemoryMmap,
+        layout: PciLayout,
+        devices: &DeviceConfig,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<(), VmmError> {
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let mut root = PciRoot::new(layout);
+        let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+        for (i, d) in devices.disks.iter().enumerate() {
+            models.push((
+                format!("virtio-blk{i}"),
+                Box::new(Block::new(Disk::open(&d.path, d.read_only)?)),
+            ));
+        }
+        if let Some(v) = &devices.vsock {
+            models.push(("virtio-vsock".into(), Box::new(Vsock::new(v.cid, v.uds_path.clone())?)));
+        }
+        if devices.rng {
+            models.push(("virtio-rng".into(), Box::new(Rng::default())));
+        }
+        for (name, model) in models {
+            let dev = VirtioPci::new(&name, model, vm.clone(), router.clone(), mem.clone())?;
+            root.add_device(&name, Arc::new(Mutex::new(dev)))?;
+        }
+        let root = Arc::new(Mutex::new(root));
+        let view = |access| {
+            Arc::new(Mutex::new(PciBusDevice {
+                root: root.clone(),
+                access,
+            }))
+        };
+        pio.insert(
+            "pci-config-io",
+            CONFIG_ADDRESS_PORT.into(),
+            CONFIG_IO_LEN,
+            view(PciAccess::ConfigIo),
+        )?;
+        mmio.insert("pci-ecam", layout.ecam, ECAM_SIZE, view(PciAccess::Ecam))?;
+        mmio.insert(
+            "pci-mem32",
+            layout.mem32.0,
+            layout.mem32.1,
+            view(PciAccess::Window(layout.mem32.0)),
+        )?;
+        mmio.insert(
+            "pci-mem64",
+            layout.mem64.0,
+            layout.mem64.1,
+            view(PciAccess::Window(layout.mem64.0)),
+        )?;
+        Ok(())
     }
 
     /// The kernel's 64-bit entry point.

@@ -65,6 +65,7 @@ fn setup(vcpus: u32, memory_mib: u64) -> Setup {
         memory_mib,
         timeout: Some(Duration::from_secs(10)),
         acpi: false,
+        devices: Default::default(),
     };
     Setup {
         _dir: dir,
@@ -370,7 +371,7 @@ fn acpi_tables_written_and_announced_only_when_enabled() {
     assert_eq!(sig, [0; 8], "no ACPI by default");
     s.config.acpi = true;
     let vmm = s.build();
-    let want = acpi::build(&acpi::AcpiShape { vcpus: 2 }).unwrap();
+    let want = acpi::build(&acpi::AcpiShape { vcpus: 2, pci: None }).unwrap();
     let mut got = vec![0u8; want.bytes.len()];
     vmm.memory().read_slice(&mut got, GuestAddress(want.base)).unwrap();
     assert_eq!(got, want.bytes);

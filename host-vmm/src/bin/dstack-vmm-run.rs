@@ -10,7 +10,7 @@ use clap::Parser;
 use dstack_host_vmm::devices::serial::SerialSink;
 use dstack_host_vmm::hypervisor::kvm::KvmHypervisor;
 use dstack_host_vmm::timing::{boottime_ns, process_start_ns};
-use dstack_host_vmm::{RunReport, VmConfig, VmExit, Vmm};
+use dstack_host_vmm::{DeviceConfig, DiskConfig, RunReport, VmConfig, VmExit, Vmm, VsockConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "dstack-vmm-run", about = "Boot one VM on /dev/kvm")]
@@ -38,6 +38,16 @@ struct Args {
     /// Provide ACPI tables (RSDP/XSDT/FADT/DSDT/MADT) in addition to the MP table.
     #[arg(long)]
     acpi: bool,
+    /// A virtio-blk disk backed by a raw image: `path` or `path,ro` (repeatable; in order on the PCI bus).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
+    /// A virtio-vsock device: guest CID and the host-side unix socket (`CONNECT <port>\n` there; guest
+    /// connections to port P go to `<uds_path>_P`).
+    #[arg(long, value_name = "CID,UDS_PATH")]
+    vsock: Option<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// Print setup timing (process start → first KVM_RUN) and RSS to stderr.
     #[arg(long)]
     print_timing: bool,
@@ -87,6 +97,34 @@ fn print_timing(main_ns: u64, report: &RunReport) {
     );
 }
 
+fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => anyhow::bail!("--disk {spec}: unknown option {opt:?} (expected ro or rw)"),
+        None => (spec, false),
+    };
+    anyhow::ensure!(!path.is_empty(), "--disk {spec}: empty path");
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+fn parse_vsock(spec: &str) -> anyhow::Result<VsockConfig> {
+    let (cid, path) = spec
+        .split_once(',')
+        .with_context(|| format!("--vsock {spec}: expected CID,UDS_PATH"))?;
+    let cid: u64 = cid
+        .parse()
+        .with_context(|| format!("--vsock {spec}: CID {cid:?} is not a number"))?;
+    anyhow::ensure!(!path.is_empty(), "--vsock {spec}: empty socket path");
+    Ok(VsockConfig {
+        cid,
+        uds_path: PathBuf::from(path),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let main_ns = boottime_ns();
     let args = Args::parse();
@@ -110,6 +148,15 @@ fn main() -> anyhow::Result<()> {
         stdout: args.serial_stdout,
         capture: None,
     };
+    let devices = DeviceConfig {
+        disks: args
+            .disks
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<anyhow::Result<_>>()?,
+        vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
+        rng: args.rng,
+    };
     let config = VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
@@ -118,6 +165,7 @@ fn main() -> anyhow::Result<()> {
         memory_mib: args.memory_mib,
         timeout: args.timeout_ms.map(Duration::from_millis),
         acpi: args.acpi,
+        devices,
     };
     let hv = KvmHypervisor::new().context("opening /dev/kvm")?;
     let vmm = Vmm::new(&hv, &config, sink).context("setting up the VM")?;

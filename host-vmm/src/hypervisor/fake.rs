@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    CpuIdEntry, FpuState, HypervisorError, LapicState, MsrEntry, Result, SpecialRegisters, StandardRegisters,
-    SystemEventKind, VcpuExit,
+    CpuIdEntry, FpuState, HypervisorError, IoEventAddress, IrqRoute, LapicState, MsrEntry, Result, SpecialRegisters,
+    StandardRegisters, SystemEventKind, VcpuExit,
 };
 
 /// One recorded call.
@@ -27,6 +27,12 @@ pub enum Call {
     RegisterIrqfd {
         gsi: u32,
     },
+    UnregisterIrqfd {
+        gsi: u32,
+    },
+    SetGsiRouting(Vec<IrqRoute>),
+    RegisterIoevent(IoEventAddress),
+    UnregisterIoevent(IoEventAddress),
     CreateVcpu(u32),
     GetRegs(u32),
     SetRegs(u32, StandardRegisters),
@@ -179,6 +185,26 @@ impl super::Vm for FakeVm {
 
     fn register_irqfd(&self, _event: &EventFd, gsi: u32) -> Result<()> {
         self.record(Call::RegisterIrqfd { gsi });
+        Ok(())
+    }
+
+    fn unregister_irqfd(&self, _event: &EventFd, gsi: u32) -> Result<()> {
+        self.record(Call::UnregisterIrqfd { gsi });
+        Ok(())
+    }
+
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        self.record(Call::SetGsiRouting(routes.to_vec()));
+        Ok(())
+    }
+
+    fn register_ioevent(&self, _event: &EventFd, addr: IoEventAddress) -> Result<()> {
+        self.record(Call::RegisterIoevent(addr));
+        Ok(())
+    }
+
+    fn unregister_ioevent(&self, _event: &EventFd, addr: IoEventAddress) -> Result<()> {
+        self.record(Call::UnregisterIoevent(addr));
         Ok(())
     }
 

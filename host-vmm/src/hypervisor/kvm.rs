@@ -3,15 +3,16 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_dtable, kvm_fpu, kvm_lapic_state, kvm_msr_entry,
-    kvm_pit_config, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KvmIrqRouting, Msrs, kvm_cpuid_entry2,
+    kvm_dtable, kvm_fpu, kvm_irq_routing_entry, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run,
+    kvm_segment, kvm_sregs, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress as KvmIoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    CpuIdEntry, DescriptorTable, FpuState, HypervisorError, LapicState, MsrEntry, Result, SegmentRegister,
-    SpecialRegisters, StandardRegisters, SystemEventKind, VcpuExit,
+    CpuIdEntry, DescriptorTable, FpuState, HypervisorError, IoEventAddress, IrqRoute, LapicState, MsrEntry, Result,
+    SegmentRegister, SpecialRegisters, StandardRegisters, SystemEventKind, VcpuExit,
 };
 
 fn ioctl_err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> HypervisorError {
@@ -92,6 +93,33 @@ impl super::Vm for KvmVm {
 
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(event, gsi).map_err(ioctl_err("KVM_IRQFD"))
+    }
+
+    fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(event, gsi)
+            .map_err(ioctl_err("KVM_IRQFD (deassign)"))
+    }
+
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes.iter().map(route_to_kvm).collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| HypervisorError::Invalid(format!("too many GSI routes ({}): {e:?}", routes.len())))?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))
+    }
+
+    fn register_ioevent(&self, event: &EventFd, addr: IoEventAddress) -> Result<()> {
+        self.fd
+            .register_ioevent(event, &ioevent_addr(addr), NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
+    fn unregister_ioevent(&self, event: &EventFd, addr: IoEventAddress) -> Result<()> {
+        self.fd
+            .unregister_ioevent(event, &ioevent_addr(addr), NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD (deassign)"))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn super::Vcpu>> {
@@ -237,6 +265,39 @@ impl super::Vcpu for KvmVcpu {
             Err(e) => Err(ioctl_err("KVM_RUN")(e)),
         }
     }
+}
+
+fn ioevent_addr(addr: IoEventAddress) -> KvmIoEventAddress {
+    match addr {
+        IoEventAddress::Pio(p) => KvmIoEventAddress::Pio(p),
+        IoEventAddress::Mmio(m) => KvmIoEventAddress::Mmio(m),
+    }
+}
+
+fn route_to_kvm(route: &IrqRoute) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi: route.gsi(),
+        ..Default::default()
+    };
+    match *route {
+        IrqRoute::Irqchip { chip, pin, .. } => {
+            e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+        }
+        IrqRoute::Msi {
+            address_lo,
+            address_hi,
+            data,
+            ..
+        } => {
+            e.type_ = KVM_IRQ_ROUTING_MSI;
+            e.u.msi.address_lo = address_lo;
+            e.u.msi.address_hi = address_hi;
+            e.u.msi.data = data;
+        }
+    }
+    e
 }
 
 fn exit_name(exit: &KvmExit<'_>) -> (u32, &'static str) {

@@ -232,6 +232,55 @@ pub enum VcpuExit<'a> {
     },
 }
 
+/// Where a guest write signals an ioeventfd (no exit to userspace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventAddress {
+    Pio(u64),
+    Mmio(u64),
+}
+
+/// One entry of the GSI routing table (`kvm_irq_routing_entry`, as our own type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqRoute {
+    /// `gsi` drives `pin` of in-kernel irqchip `chip` (0 = PIC master, 1 = PIC slave, 2 = IOAPIC).
+    Irqchip { gsi: u32, chip: u32, pin: u32 },
+    /// `gsi` sends a message-signalled interrupt.
+    Msi {
+        gsi: u32,
+        address_lo: u32,
+        address_hi: u32,
+        data: u32,
+    },
+}
+
+impl IrqRoute {
+    pub fn gsi(&self) -> u32 {
+        match self {
+            IrqRoute::Irqchip { gsi, .. } | IrqRoute::Msi { gsi, .. } => *gsi,
+        }
+    }
+}
+
+/// GSIs the in-kernel IOAPIC has; MSI routes use GSIs from here up.
+pub const IOAPIC_PINS: u32 = 24;
+
+/// The routing table KVM installs with `KVM_CREATE_IRQCHIP` (ISA IRQs on both PIC and IOAPIC, 16..24 on the
+/// IOAPIC only). `KVM_SET_GSI_ROUTING` replaces the whole table, so MSI routes are always added to these.
+pub fn default_irqchip_routes() -> Vec<IrqRoute> {
+    let mut routes = Vec::new();
+    for gsi in 0..IOAPIC_PINS {
+        if gsi < 16 {
+            routes.push(IrqRoute::Irqchip {
+                gsi,
+                chip: gsi / 8,
+                pin: gsi % 8,
+            });
+        }
+        routes.push(IrqRoute::Irqchip { gsi, chip: 2, pin: gsi });
+    }
+    routes
+}
+
 /// The host's virtualization interface (`/dev/kvm`).
 pub trait Hypervisor: Send + Sync {
     /// A short name for diagnostics ("kvm", "fake").
@@ -257,6 +306,12 @@ pub trait Vm: Send + Sync {
     fn set_tss_address(&self, addr: u64) -> Result<()>;
     /// Asserts `gsi` whenever `event` is written.
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
+    fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()>;
+    /// Replaces the whole GSI routing table (include [`default_irqchip_routes`]).
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
+    /// Makes guest writes (any width, any value) to `addr` signal `event` inside the kernel instead of exiting.
+    fn register_ioevent(&self, event: &EventFd, addr: IoEventAddress) -> Result<()>;
+    fn unregister_ioevent(&self, event: &EventFd, addr: IoEventAddress) -> Result<()>;
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
 }
 

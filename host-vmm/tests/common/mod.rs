@@ -12,6 +12,8 @@ use dstack_host_vmm::payload::{PAYLOAD_LOAD_ADDR, elf64};
 use dstack_host_vmm::{RunReport, VmConfig, Vmm};
 pub use iced_x86::code_asm::*;
 
+pub mod virtio_guest;
+
 pub const COM1: u32 = 0x3f8;
 pub const DEBUG_EXIT: u32 = 0xf4;
 
@@ -115,6 +117,7 @@ pub fn config(kernel: PathBuf) -> VmConfig {
         memory_mib: 64,
         timeout: Some(Duration::from_secs(20)),
         acpi: false,
+        devices: Default::default(),
     }
 }
 

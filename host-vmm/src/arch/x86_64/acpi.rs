@@ -2,10 +2,16 @@
 //! produce the exact same bytes. Hardware-reduced ACPI (like Cloud Hypervisor): RSDP → XSDT → FADT (+ DSDT)
 //! and MADT; power-off and reset go through the sleep-control and reset registers of our `acpi_pm` device.
 //!
-//! Not yet covered: MCFG / PCI host bridge in the DSDT (with virtio-pci), CCEL (boot event log), and
-//! verification against a real Linux boot (not possible on PVM hosts; see DESIGN.md §10).
+//! With PCI, the DSDT describes the root bridge (`\_SB.PCI0`, PNP0A08) with its bus, I/O and MMIO windows,
+//! the ECAM region is reserved by a motherboard-resources device (PNP0C02) and announced in an MCFG table.
+//! Legacy INTx is not offered (devices use MSI-X), so there is no `_PRT`.
+//!
+//! Not yet covered: CCEL (boot event log), and verification against a real Linux boot (not possible on PVM
+//! hosts; see DESIGN.md §10).
 
+use super::aml;
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+use crate::pci::{CONFIG_ADDRESS_PORT, ECAM_SIZE, PciLayout};
 
 /// Where the RSDP and the tables after it are placed (inside the BIOS area Linux scans for "RSD PTR ").
 pub const ACPI_BASE: u64 = 0xe0000;
@@ -26,6 +32,8 @@ const RSDP_LEN: usize = 36;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiShape {
     pub vcpus: u32,
+    /// The PCI root bridge's resources, if the VM has PCI devices.
+    pub pci: Option<PciLayout>,
 }
 
 /// The table blob and where it goes.
@@ -74,11 +82,66 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-/// DSDT: only `Name (\_S5, Package () { 5, 0 })` so the OS knows the S5 sleep type.
-fn dsdt() -> Vec<u8> {
-    // NameOp "_S5_" PackageOp PkgLength(5) NumElements(2) BytePrefix 5, ZeroOp
-    let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, SLP_TYP_S5, 0x00];
-    sdt(b"DSDT", 2, &aml)
+/// DSDT: `Name (\_S5, Package () { 5, 0 })` so the OS knows the S5 sleep type, and the PCI root bridge.
+fn dsdt(pci: Option<&PciLayout>) -> Vec<u8> {
+    let mut body = aml::name(
+        "_S5",
+        &aml::package(&[aml::integer(SLP_TYP_S5.into()), aml::integer(0)]),
+    );
+    if let Some(p) = pci {
+        body.extend_from_slice(&aml::scope("\\_SB", &[pci_root_bridge(p), motherboard_resources(p)]));
+    }
+    sdt(b"DSDT", 2, &body)
+}
+
+/// `Device (PCI0)`: PCIe root bridge on segment 0, bus 0, with the config ports, the rest of the I/O space
+/// and both MMIO windows as its resources.
+fn pci_root_bridge(p: &PciLayout) -> Vec<u8> {
+    let crs = aml::resource_template(&[
+        aml::word_bus_number(0, 0),
+        aml::io_port(CONFIG_ADDRESS_PORT, 8),
+        aml::word_io(0, CONFIG_ADDRESS_PORT - 1),
+        aml::word_io(CONFIG_ADDRESS_PORT + 8, 0xffff),
+        aml::dword_memory(p.mem32.0 as u32, p.mem32.1 as u32),
+        aml::qword_memory(p.mem64.0, p.mem64.1),
+    ]);
+    aml::device(
+        "PCI0",
+        &[
+            aml::name("_HID", &aml::eisa_id("PNP0A08")),
+            aml::name("_CID", &aml::eisa_id("PNP0A03")),
+            aml::name("_ADR", &aml::integer(0)),
+            aml::name("_SEG", &aml::integer(0)),
+            aml::name("_UID", &aml::integer(0)),
+            aml::name("_BBN", &aml::integer(0)),
+            aml::name("_CRS", &crs),
+        ],
+    )
+}
+
+/// `Device (MRES)`: reserves the ECAM window (Linux only trusts MCFG regions reserved this way or in e820).
+fn motherboard_resources(p: &PciLayout) -> Vec<u8> {
+    aml::device(
+        "MRES",
+        &[
+            aml::name("_HID", &aml::eisa_id("PNP0C02")),
+            aml::name("_UID", &aml::integer(1)),
+            aml::name(
+                "_CRS",
+                &aml::resource_template(&[aml::memory32_fixed(p.ecam as u32, ECAM_SIZE as u32)]),
+            ),
+        ],
+    )
+}
+
+/// MCFG: one ECAM allocation for segment 0, buses 0..=0.
+fn mcfg(p: &PciLayout) -> Vec<u8> {
+    let mut body = vec![0u8; 8];
+    body.extend_from_slice(&p.ecam.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes()); // segment group
+    body.extend_from_slice(&[0, 0]); // start and end bus
+    body.extend_from_slice(&[0; 4]);
+    sdt(b"MCFG", 1, &body)
 }
 
 /// FADT revision 6.x, hardware-reduced, pointing at the DSDT.
@@ -119,7 +182,7 @@ fn align16(v: &mut Vec<u8>) {
     v.resize(v.len().next_multiple_of(16), 0);
 }
 
-/// Builds RSDP + XSDT + FADT + DSDT + MADT for `shape`, laid out from [`ACPI_BASE`].
+/// Builds RSDP + XSDT + FADT + DSDT + MADT (+ MCFG with PCI) for `shape`, laid out from [`ACPI_BASE`].
 pub fn build(shape: &AcpiShape) -> Result<AcpiTables, AcpiError> {
     if shape.vcpus == 0 || shape.vcpus > 255 {
         return Err(AcpiError::BadVcpus(shape.vcpus));
@@ -129,7 +192,7 @@ pub fn build(shape: &AcpiShape) -> Result<AcpiTables, AcpiError> {
     align16(&mut blob);
 
     let dsdt_addr = base + blob.len() as u64;
-    blob.extend_from_slice(&dsdt());
+    blob.extend_from_slice(&dsdt(shape.pci.as_ref()));
     align16(&mut blob);
     let fadt_addr = base + blob.len() as u64;
     blob.extend_from_slice(&fadt(dsdt_addr));
@@ -137,8 +200,14 @@ pub fn build(shape: &AcpiShape) -> Result<AcpiTables, AcpiError> {
     let madt_addr = base + blob.len() as u64;
     blob.extend_from_slice(&madt(shape.vcpus));
     align16(&mut blob);
+    let mut tables = vec![fadt_addr, madt_addr];
+    if let Some(p) = &shape.pci {
+        tables.push(base + blob.len() as u64);
+        blob.extend_from_slice(&mcfg(p));
+        align16(&mut blob);
+    }
     let xsdt_addr = base + blob.len() as u64;
-    let entries: Vec<u8> = [fadt_addr, madt_addr].iter().flat_map(|a| a.to_le_bytes()).collect();
+    let entries: Vec<u8> = tables.iter().flat_map(|a| a.to_le_bytes()).collect();
     blob.extend_from_slice(&sdt(b"XSDT", 1, &entries));
 
     let mut rsdp = Vec::with_capacity(RSDP_LEN);

@@ -1,6 +1,7 @@
 //! Walks the generated tables the way an OS does (ACPI 6.5 §5.2 offsets) and checks every link and checksum.
 
 use super::*;
+use crate::pci::PciLayout;
 
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
@@ -27,7 +28,7 @@ fn table<'a>(t: &'a AcpiTables, addr: u64, sig: &[u8; 4]) -> &'a [u8] {
 
 #[test]
 fn rsdp_xsdt_fadt_dsdt_madt_chain() {
-    let t = build(&AcpiShape { vcpus: 3 }).unwrap();
+    let t = build(&AcpiShape { vcpus: 3, pci: None }).unwrap();
     assert_eq!(t.base, 0xe0000);
     let rsdp = &t.bytes[..36];
     assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -85,11 +86,100 @@ fn rsdp_xsdt_fadt_dsdt_madt_chain() {
 
 #[test]
 fn deterministic_and_shape_dependent() {
-    let a = build(&AcpiShape { vcpus: 2 }).unwrap();
-    assert_eq!(a, build(&AcpiShape { vcpus: 2 }).unwrap());
-    assert_ne!(a, build(&AcpiShape { vcpus: 4 }).unwrap());
-    assert_eq!(build(&AcpiShape { vcpus: 0 }), Err(AcpiError::BadVcpus(0)));
+    let a = build(&AcpiShape { vcpus: 2, pci: None }).unwrap();
+    assert_eq!(a, build(&AcpiShape { vcpus: 2, pci: None }).unwrap());
+    assert_ne!(a, build(&AcpiShape { vcpus: 4, pci: None }).unwrap());
+    assert_eq!(build(&AcpiShape { vcpus: 0, pci: None }), Err(AcpiError::BadVcpus(0)));
     // Everything fits the BIOS area below 1 MiB even at the largest shape.
-    let big = build(&AcpiShape { vcpus: 255 }).unwrap();
+    let big = build(&AcpiShape { vcpus: 255, pci: None }).unwrap();
     assert!(big.base + big.bytes.len() as u64 <= 0x10_0000);
+}
+
+fn pci_tables() -> AcpiTables {
+    build(&AcpiShape {
+        vcpus: 2,
+        pci: Some(PciLayout::for_ram(512 << 20)),
+    })
+    .unwrap()
+}
+
+/// (DSDT, MCFG) of the PCI shape, found through RSDP → XSDT → FADT like an OS would.
+fn dsdt_and_mcfg(t: &AcpiTables) -> (Vec<u8>, Vec<u8>) {
+    let xsdt = table(t, u64_at(&t.bytes, 24), b"XSDT");
+    let entries: Vec<u64> = xsdt[36..]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(entries.len(), 3);
+    let fadt = table(t, entries[0], b"FACP");
+    let dsdt = table(t, u64_at(fadt, 140), b"DSDT").to_vec();
+    let mcfg = table(t, entries[2], b"MCFG").to_vec();
+    (dsdt, mcfg)
+}
+
+#[test]
+fn pci_shape_adds_root_bridge_and_mcfg() {
+    let t = pci_tables();
+    let (dsdt, mcfg) = dsdt_and_mcfg(&t);
+    // MCFG (PCI Firmware 3.2 §4.1.2): 8 reserved bytes, then base, segment, start bus, end bus.
+    assert_eq!(mcfg.len(), 36 + 8 + 16);
+    assert_eq!(u64_at(&mcfg, 44), 0xe000_0000);
+    assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
+    let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(find(b"PCI0") && find(b"MRES") && find(b"_SB_"));
+    // EisaId("PNP0A08") / ("PNP0C02") as DWordConst.
+    assert!(find(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+    assert!(find(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+    // The 32-bit window descriptor: DWordMemory, min 0xC0000000, max 0xDFFFFFFF.
+    assert!(find(&[0xc0, 0xff, 0xff, 0xff, 0xdf]));
+    // Without PCI the tables are the plain ones.
+    assert_ne!(t, build(&AcpiShape { vcpus: 2, pci: None }).unwrap());
+    assert!(t.base + t.bytes.len() as u64 <= 0x10_0000);
+}
+
+/// Cross-check with ACPICA's disassembler when `DSTACK_IASL` names an `iasl` binary (Debian package
+/// `acpica-tools`; e.g. `apt-get download acpica-tools && dpkg -x acpica-tools_*.deb root`).
+#[test]
+fn pci_tables_disassemble_with_iasl() {
+    let Some(iasl) = std::env::var_os("DSTACK_IASL") else {
+        eprintln!("SKIPPED pci_tables_disassemble_with_iasl: set DSTACK_IASL to an iasl binary");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (dsdt, mcfg) = dsdt_and_mcfg(&pci_tables());
+    let mut outputs = String::new();
+    for (name, bytes) in [("dsdt", &dsdt), ("mcfg", &mcfg)] {
+        let path = dir.path().join(format!("{name}.dat"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = std::process::Command::new(&iasl).arg("-d").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "iasl -d {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push_str(&std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap());
+    }
+    for want in [
+        "Name (_S5, Package (0x02)",
+        "Scope (\\_SB)",
+        "Device (PCI0)",
+        "Name (_HID, EisaId (\"PNP0A08\")",
+        "Name (_CID, EisaId (\"PNP0A03\")",
+        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,",
+        "IO (Decode16,",
+        "0x0CF8,",
+        "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
+        "0xC0000000,",
+        "0xDFFFFFFF,",
+        "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
+        "0x0000000100000000,",
+        "Name (_HID, EisaId (\"PNP0C02\")",
+        "Memory32Fixed (ReadWrite,",
+        "0xE0000000,",
+        "Base Address : 00000000E0000000",
+        "End Bus Number : 00",
+    ] {
+        assert!(outputs.contains(want), "iasl output lacks {want:?}:\n{outputs}");
+    }
+    assert!(!outputs.contains("Error"), "{outputs}");
 }

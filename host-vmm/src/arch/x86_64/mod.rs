@@ -3,6 +3,7 @@
 //! predictor).
 
 pub mod acpi;
+pub mod aml;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
