@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "vmm_rpc.proto",
     "host_api.proto",
     "guest_api.proto",
+    "sim_tdx.proto",
 ];
 
 /// Fields whose JSON form deviates from the generic rules (dstack does the same).

@@ -53,6 +53,7 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 enum Target {
     Tcp { host: String, port: u16, tls: bool },
     Unix(PathBuf),
+    Vsock { cid: u32, port: u32 },
 }
 
 /// Raw HTTP response of a call: status, headers and the (size-limited) body.
@@ -82,8 +83,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Parses `http://host:port[/prefix]`, `https://host:port[/prefix]` or `unix:/path/to.sock`
-    /// (prefix `""`; see [`Client::with_path_prefix`]). `https` needs [`Client::with_tls`].
+    /// Parses `http://host:port[/prefix]`, `https://host:port[/prefix]`, `unix:/path/to.sock` or
+    /// `vsock:<cid>:<port>` (prefix `""`; see [`Client::with_path_prefix`]). `https` needs [`Client::with_tls`].
     pub fn new(url: &str) -> Result<Self, RpcError> {
         let invalid = |reason: &str| RpcError::InvalidEndpoint {
             url: url.to_owned(),
@@ -95,6 +96,10 @@ impl Client {
                 return Err(invalid("empty socket path"));
             }
             return Ok(Self::unix(path, ""));
+        }
+        if let Some(addr) = url.strip_prefix("vsock:") {
+            let (cid, port) = crate::vsock::parse_addr(addr).ok_or_else(|| invalid("expected vsock:<cid>:<port>"))?;
+            return Ok(Self::vsock(cid, port, ""));
         }
         let uri: Uri = url.parse().map_err(|e| invalid(&format!("{e}")))?;
         let tls = match uri.scheme_str() {
@@ -118,6 +123,13 @@ impl Client {
     /// A client for a unix socket with a path prefix (`""` for the agent, `"/prpc"` for tappd).
     pub fn unix(path: impl Into<PathBuf>, prefix: &str) -> Self {
         let mut client = Self::with_target(Target::Unix(path.into()), "localhost".to_owned());
+        client.prefix = normalize_prefix(prefix);
+        client
+    }
+
+    /// A client for an AF_VSOCK endpoint (`cid` 2 is the host) with a path prefix.
+    pub fn vsock(cid: u32, port: u32, prefix: &str) -> Self {
+        let mut client = Self::with_target(Target::Vsock { cid, port }, "localhost".to_owned());
         client.prefix = normalize_prefix(prefix);
         client
     }
@@ -270,6 +282,9 @@ impl Client {
         let connect = async {
             match &self.target {
                 Target::Unix(path) => Ok::<BoxIo, RpcError>(Box::new(UnixStream::connect(path).await?)),
+                Target::Vsock { cid, port } => {
+                    Ok(Box::new(crate::vsock::VsockStream::connect(*cid, *port).await?) as BoxIo)
+                }
                 Target::Tcp { host, port, tls } => {
                     let tcp = TcpStream::connect((host.as_str(), *port)).await?;
                     tcp.set_nodelay(true)?;
@@ -392,6 +407,9 @@ mod tests {
         assert!(matches!(&c.target, Target::Unix(p) if p == &PathBuf::from("./vmm.sock")));
         assert_eq!(c.prefix, "/prpc");
 
+        let c = Client::new("vsock:2:4050").unwrap();
+        assert!(matches!(c.target, Target::Vsock { cid: 2, port: 4050 }));
+        assert!(Client::new("vsock:2").is_err());
         assert!(Client::new("ftp://x").is_err());
         assert!(Client::new("unix:").is_err());
         assert!(Client::new("not a url").is_err());

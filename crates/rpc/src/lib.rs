@@ -72,6 +72,7 @@ mod query;
 mod router;
 pub mod serde_hex;
 mod serve;
+pub mod vsock;
 
 pub use client::{Client, RawResponse, Transport};
 pub use codec::{Encoding, PrpcError};
@@ -120,4 +121,10 @@ pub mod host_api {
 #[allow(missing_docs)]
 pub mod guest_api {
     include!(concat!(env!("OUT_DIR"), "/guest_api.rs"));
+}
+
+/// Simulated TDX module protocol (`sim_tdx`): `SimTdx` (ours; served by the host VMM per VM).
+#[allow(missing_docs)]
+pub mod sim_tdx {
+    include!(concat!(env!("OUT_DIR"), "/sim_tdx.rs"));
 }

@@ -1,0 +1,304 @@
+//! rustls verifiers (ring provider) that check the certificate chain and then the RA-TLS attestation.
+//!
+//! Chain: the leaf must chain to one of the configured roots (webpki, including validity, EKU and — for
+//! servers — the name). With `accept_self_signed`, a self-issued leaf that fails the chain check is accepted
+//! instead when it carries an attestation that verifies: its identity then comes only from the quote (the
+//! quote binds the key, and the TLS handshake proves possession of it); the server name is not checked.
+//! Attestation: every leaf that carries one is verified ([`AttestationVerifier`]); with `require_attestation`
+//! a leaf without one is refused.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::{AttestationVerifier, AttestedIdentity, RaTlsError, parse_cert};
+
+/// Chain and attestation requirements shared by both verifiers.
+#[derive(Debug, Clone, Default)]
+pub struct RaTlsVerifierConfig {
+    /// Trusted roots (e.g. the KMS root CA). May be empty only with `accept_self_signed`.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Accept a self-signed leaf whose identity comes from its attestation.
+    pub accept_self_signed: bool,
+    /// Refuse leaves without an attestation.
+    pub require_attestation: bool,
+}
+
+fn rustls_err(e: RaTlsError) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, Error> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone())?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The part both verifiers share: the fallback decision and the attestation check.
+#[derive(Debug)]
+struct Core {
+    config: RaTlsVerifierConfig,
+    attestation: Arc<AttestationVerifier>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl Core {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        chain: Option<Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let secs = now.as_secs();
+        let chain_ok = match chain {
+            Some(Ok(())) => true,
+            Some(Err(e)) if !self.config.accept_self_signed => return Err(e),
+            Some(Err(e)) => {
+                let parsed = parse_cert(end_entity).map_err(rustls_err)?;
+                if !parsed.self_issued || !intermediates.is_empty() || parsed.quote.is_none() {
+                    return Err(e);
+                }
+                false
+            }
+            None => false,
+        };
+        if !chain_ok {
+            // Self-signed path: the identity must come from a verifying attestation.
+            let parsed = parse_cert(end_entity).map_err(rustls_err)?;
+            if !parsed.self_issued || !intermediates.is_empty() {
+                return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+            }
+            if secs < parsed.not_before || secs > parsed.not_after {
+                return Err(rustls_err(RaTlsError::Validity {
+                    now: secs,
+                    not_before: parsed.not_before,
+                    not_after: parsed.not_after,
+                }));
+            }
+        }
+        let identity = self.attestation.verify_cert(end_entity, secs).map_err(rustls_err)?;
+        if identity.is_none() && (self.config.require_attestation || !chain_ok) {
+            return Err(rustls_err(RaTlsError::MissingAttestation));
+        }
+        Ok(())
+    }
+
+    fn tls12(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(msg, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn tls13(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(msg, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Verifies RA-TLS server certificates (used by clients: guest → KMS, gateway).
+#[derive(Debug)]
+pub struct RaTlsServerVerifier {
+    core: Core,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
+
+impl RaTlsServerVerifier {
+    pub fn new(config: RaTlsVerifierConfig, attestation: Arc<AttestationVerifier>) -> Result<Arc<Self>, Error> {
+        let provider = provider();
+        let chain = if config.roots.is_empty() {
+            if !config.accept_self_signed {
+                return Err(Error::General(
+                    "RA-TLS server verifier needs roots or accept_self_signed".into(),
+                ));
+            }
+            None
+        } else {
+            let roots = root_store(&config.roots)?;
+            Some(
+                WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| Error::General(e.to_string()))?,
+            )
+        };
+        Ok(Arc::new(Self {
+            core: Core {
+                config,
+                attestation,
+                provider,
+            },
+            chain,
+        }))
+    }
+
+    /// The attestation verifier (for [`peer_identity`]).
+    pub fn attestation(&self) -> &Arc<AttestationVerifier> {
+        &self.core.attestation
+    }
+}
+
+impl ServerCertVerifier for RaTlsServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let chain = self.chain.as_ref().map(|v| {
+            v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .map(|_| ())
+        });
+        self.core.check(end_entity, intermediates, now, chain)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.core.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.core.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.core.schemes()
+    }
+}
+
+/// Verifies RA-TLS client certificates (used by servers: KMS, gateway). Client authentication is mandatory.
+#[derive(Debug)]
+pub struct RaTlsClientVerifier {
+    core: Core,
+    chain: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl RaTlsClientVerifier {
+    pub fn new(config: RaTlsVerifierConfig, attestation: Arc<AttestationVerifier>) -> Result<Arc<Self>, Error> {
+        let provider = provider();
+        let chain = if config.roots.is_empty() {
+            if !config.accept_self_signed {
+                return Err(Error::General(
+                    "RA-TLS client verifier needs roots or accept_self_signed".into(),
+                ));
+            }
+            None
+        } else {
+            let roots = root_store(&config.roots)?;
+            Some(
+                WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| Error::General(e.to_string()))?,
+            )
+        };
+        Ok(Arc::new(Self {
+            core: Core {
+                config,
+                attestation,
+                provider,
+            },
+            chain,
+        }))
+    }
+
+    /// The attestation verifier (for [`peer_identity`]).
+    pub fn attestation(&self) -> &Arc<AttestationVerifier> {
+        &self.core.attestation
+    }
+}
+
+impl ClientCertVerifier for RaTlsClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.as_ref().map_or(&[], |c| c.root_hint_subjects())
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let chain = self
+            .chain
+            .as_ref()
+            .map(|v| v.verify_client_cert(end_entity, intermediates, now).map(|_| ()));
+        self.core.check(end_entity, intermediates, now, chain)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.core.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.core.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.core.schemes()
+    }
+}
+
+/// The attested identity of an established connection's peer (from `peer_certificates()`), from the
+/// verifier's cache when the handshake just verified it. `Ok(None)` when the peer sent no certificate or its
+/// certificate carries no attestation.
+pub fn peer_identity(
+    verifier: &AttestationVerifier,
+    peer_certificates: Option<&[CertificateDer<'_>]>,
+) -> Result<Option<Arc<AttestedIdentity>>, RaTlsError> {
+    let Some(leaf) = peer_certificates.and_then(<[_]>::first) else {
+        return Ok(None);
+    };
+    if let Some(id) = verifier.cached(leaf) {
+        return Ok(Some(id));
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    verifier.verify_cert(leaf, now)
+}
