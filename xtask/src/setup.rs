@@ -11,7 +11,18 @@ use dstack_apt::PrivateApt;
 use crate::{cache, proc};
 
 /// Host (bookworm) packages the test suite uses.
-const HOST_PACKAGES: &[&str] = &["ca-certificates", "dpkg-dev", "osslsigncode"];
+const HOST_PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "dpkg-dev",
+    // measurements: independent Authenticode digests
+    "osslsigncode",
+    // image-build: TCG boot tests, rootfs, erofs, dm-verity, static test init
+    "qemu-system-x86",
+    "mmdebstrap",
+    "erofs-utils",
+    "cryptsetup-bin",
+    "libc6-dev",
+];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).
 const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] =
