@@ -22,6 +22,11 @@ const HOST_PACKAGES: &[&str] = &[
     "erofs-utils",
     "cryptsetup-bin",
     "libc6-dev",
+    // guest-init: LUKS and ext4 on loop devices
+    "e2fsprogs",
+    "util-linux",
+    // gateway: real local ACME server
+    "pebble",
 ];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).

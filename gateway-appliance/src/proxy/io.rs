@@ -1,0 +1,265 @@
+//! Stream plumbing: replaying already-read bytes, and a bidirectional copy with bounded buffers
+//! and idle / write / total timeouts.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+/// A stream that first yields `prefix`, then reads from `inner`. Writes go to `inner`.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Wrap `inner`, replaying `prefix` first.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self { prefix, pos: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.pos..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            this.pos += n;
+            if this.pos >= this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Limits for [`pump`].
+#[derive(Debug, Clone, Copy)]
+pub struct PumpLimits {
+    /// Buffer per direction.
+    pub buffer_size: usize,
+    /// Close when neither side sent anything for this long.
+    pub idle: Duration,
+    /// Close when one write cannot complete within this (a peer that does not read).
+    pub write: Duration,
+    /// Close after this total lifetime.
+    pub total: Duration,
+}
+
+/// Why a pump ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// No traffic for `idle`.
+    #[error("idle timeout")]
+    Idle,
+    /// A write stalled.
+    #[error("write timeout")]
+    Write,
+    /// Connection lifetime exceeded.
+    #[error("total timeout")]
+    Total,
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Bytes moved by [`pump`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// `a` → `b`.
+    pub a_to_b: u64,
+    /// `b` → `a`.
+    pub b_to_a: u64,
+}
+
+async fn write_all_timed<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], t: Duration) -> Result<(), PumpError> {
+    match tokio::time::timeout(t, w.write_all(data)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(PumpError::Write),
+    }
+}
+
+async fn shutdown_timed<W: AsyncWrite + Unpin>(w: &mut W, t: Duration) {
+    // Best effort: the peer may already be gone.
+    let _ = tokio::time::timeout(t, w.shutdown()).await;
+}
+
+/// Copy both ways until both sides have closed (half-close is forwarded) or a limit trips.
+///
+/// Memory is bounded by two buffers of `buffer_size`; a side that stops reading stalls the other
+/// direction for at most `write` and then the connection is closed.
+pub async fn pump<A, B>(a: A, b: B, limits: PumpLimits) -> Result<Transferred, PumpError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let size = limits.buffer_size.max(512);
+    let (mut abuf, mut bbuf) = (vec![0u8; size], vec![0u8; size]);
+    let (mut a_open, mut b_open) = (true, true);
+    let mut moved = Transferred::default();
+    let end = Instant::now() + limits.total;
+    while a_open || b_open {
+        let idle = tokio::time::sleep(limits.idle);
+        tokio::select! {
+            r = ar.read(&mut abuf), if a_open => match r? {
+                0 => {
+                    a_open = false;
+                    shutdown_timed(&mut bw, limits.write).await;
+                }
+                n => {
+                    write_all_timed(&mut bw, abuf.get(..n).unwrap_or_default(), limits.write).await?;
+                    moved.a_to_b += n as u64;
+                }
+            },
+            r = br.read(&mut bbuf), if b_open => match r? {
+                0 => {
+                    b_open = false;
+                    shutdown_timed(&mut aw, limits.write).await;
+                }
+                n => {
+                    write_all_timed(&mut aw, bbuf.get(..n).unwrap_or_default(), limits.write).await?;
+                    moved.b_to_a += n as u64;
+                }
+            },
+            () = idle => return Err(PumpError::Idle),
+            () = tokio::time::sleep_until(end) => return Err(PumpError::Total),
+        }
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> PumpLimits {
+        PumpLimits {
+            buffer_size: 1024,
+            idle: Duration::from_secs(5),
+            write: Duration::from_secs(5),
+            total: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_then_reads() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        tx.write_all(b" world").await.unwrap();
+        drop(tx);
+        let mut s = Prefixed::new(b"hello".to_vec(), rx);
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn pump_moves_bytes_and_half_closes() {
+        let (a_user, a_pump) = tokio::io::duplex(256);
+        let (b_pump, b_user) = tokio::io::duplex(256);
+        let task = tokio::spawn(pump(a_pump, b_pump, limits()));
+        let (mut ar, mut aw) = tokio::io::split(a_user);
+        let (mut br, mut bw) = tokio::io::split(b_user);
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            aw.write_all(&p2).await.unwrap();
+            aw.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        br.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload);
+        writer.await.unwrap();
+        // b answers after seeing EOF; a still receives it (half-close).
+        bw.write_all(b"bye").await.unwrap();
+        bw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        ar.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"bye");
+        let moved = task.await.unwrap().unwrap();
+        assert_eq!(
+            moved,
+            Transferred {
+                a_to_b: 100_000,
+                b_to_a: 3
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fires() {
+        let (_a_user, a_pump) = tokio::io::duplex(64);
+        let (b_pump, _b_user) = tokio::io::duplex(64);
+        let l = PumpLimits {
+            idle: Duration::from_secs(3),
+            ..limits()
+        };
+        assert!(matches!(pump(a_pump, b_pump, l).await, Err(PumpError::Idle)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reader_that_never_reads_trips_write_timeout() {
+        let (a_user, a_pump) = tokio::io::duplex(64);
+        // b's user never reads; duplex buffer of 64 fills quickly.
+        let (b_pump, _b_user) = tokio::io::duplex(64);
+        let task = tokio::spawn(pump(
+            a_pump,
+            b_pump,
+            PumpLimits {
+                write: Duration::from_secs(2),
+                ..limits()
+            },
+        ));
+        let (_ar, mut aw) = tokio::io::split(a_user);
+        let _ = tokio::time::timeout(Duration::from_secs(30), aw.write_all(&[7u8; 8192])).await;
+        assert!(matches!(task.await.unwrap(), Err(PumpError::Write)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn total_timeout_fires_despite_traffic() {
+        let (a_user, a_pump) = tokio::io::duplex(64);
+        let (b_pump, mut b_user) = tokio::io::duplex(64);
+        let task = tokio::spawn(pump(
+            a_pump,
+            b_pump,
+            PumpLimits {
+                total: Duration::from_secs(4),
+                ..limits()
+            },
+        ));
+        let (_ar, mut aw) = tokio::io::split(a_user);
+        let chatter = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            loop {
+                if aw.write_all(b"x").await.is_err() {
+                    break;
+                }
+                let _ = b_user.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        assert!(matches!(task.await.unwrap(), Err(PumpError::Total)));
+        chatter.abort();
+    }
+}
