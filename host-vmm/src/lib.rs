@@ -9,10 +9,12 @@
 //! - [`pci`]: the PCI root bus (CF8/ECAM config access, BAR windows, MSI-X over KVM GSI routing).
 //! - [`virtio`]: the virtio-pci transport and userspace devices (block, vsock, rng; net backends).
 //! - [`vcpu`]: the run loop and failure diagnostics; [`vmm`]: building and running one VM.
+//! - [`manager`]: the VM manager daemon behind the `dstack-vmm` binary (API, state, supervisor, backends).
 
 pub mod arch;
 pub mod devices;
 pub mod hypervisor;
+pub mod manager;
 pub mod memory;
 pub mod payload;
 pub mod pci;

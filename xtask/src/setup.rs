@@ -36,6 +36,16 @@ const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] =
 /// Python packages (PyPI) installed into the test virtualenv: the real dstack SDK for interop tests.
 const PYTHON_PACKAGES: &[&str] = &["dstack-sdk==0.5.4", "eth-hash[pycryptodome]"];
 
+/// npm packages installed into the test node_modules: the real dstack JS SDK and its peer dependencies.
+const NPM_PACKAGES: &[&str] = &[
+    "@phala/dstack-sdk@0.5.8",
+    "@noble/curves@^1.8.1",
+    "@noble/hashes@^1.6.1",
+];
+
+/// rust-vmm's userspace vhost-user vsock backend, used by the `tcg` VM backend.
+const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+
 /// Environment variables handed to the test processes.
 pub type TestEnv = Vec<(String, String)>;
 
@@ -58,8 +68,17 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
     let pe_digests = pe_digest_fixture().context("preparing Authenticode reference digests")?;
     env.push(("DSTACK_TEST_PE_DIGESTS".into(), pe_digests.display().to_string()));
 
+    let kernel = locked_kernel().context("fetching the locked guest kernel")?;
+    env.push(("DSTACK_TEST_KERNEL".into(), kernel.display().to_string()));
+
+    let vhost = ensure_cargo_tool("vhost-device-vsock", VHOST_DEVICE_VSOCK_VERSION)?;
+    env.push(("VHOST_DEVICE_VSOCK".into(), vhost.display().to_string()));
+
     let python = ensure_python_venv(PYTHON_PACKAGES)?;
     env.push(("DSTACK_TEST_PYTHON".into(), python.display().to_string()));
+
+    let node_modules = ensure_npm_packages(NPM_PACKAGES)?;
+    env.push(("DSTACK_TEST_NODE_MODULES".into(), node_modules.display().to_string()));
 
     // Fixture-dependent tests skip loudly when run by hand without fixtures; under xtask they must not skip.
     env.push(("DSTACK_REQUIRE_FIXTURES".into(), "1".into()));
@@ -184,6 +203,98 @@ fn ensure_python_venv(packages: &[&str]) -> Result<PathBuf> {
     )?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
+}
+
+/// A node_modules directory in the cache with `packages` installed; installs Node.js from Debian if missing.
+fn ensure_npm_packages(packages: &[&str]) -> Result<PathBuf> {
+    if !proc::succeeds(Command::new("npm").arg("--version")) {
+        ensure_apt_packages(&["nodejs", "npm"])?;
+    }
+    let dir = cache::subdir("npm")?;
+    let stamp = dir.join(".dstack-packages");
+    let wanted = packages.join("\n");
+    let modules = dir.join("node_modules");
+    if modules.is_dir() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(modules);
+    }
+    if !dir.join("package.json").exists() {
+        std::fs::write(dir.join("package.json"), "{\"private\": true}\n")?;
+    }
+    eprintln!("xtask: npm install {packages:?}");
+    proc::output(
+        Command::new("npm")
+            .current_dir(&dir)
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .args(packages),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(modules)
+}
+
+/// The guest kernel pinned in image-build's lock (`deb kernel <suite> <package> <version> …` lines), unpacked
+/// from Debian; returns the path of its `vmlinuz`. Debian ships it in `linux-binary-*` (7.x) or
+/// `linux-image-*` (older), next to the modules under `usr/lib/modules/<release>/`.
+fn locked_kernel() -> Result<PathBuf> {
+    let lock_path = workspace_root().join("image-build/debian.lock");
+    let lock = std::fs::read_to_string(&lock_path).with_context(|| format!("reading {}", lock_path.display()))?;
+    let candidates: Vec<(String, String, String)> = lock
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter_map(|f| match f.as_slice() {
+            ["deb", "kernel", suite, package, version, ..]
+                if (package.starts_with("linux-binary-") || package.starts_with("linux-image-"))
+                    && package.contains('.') =>
+            {
+                Some((suite.to_string(), package.to_string(), version.to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    for (suite, package, version) in &candidates {
+        let root = PrivateApt::new(suite, &cache::subdir("apt")?)?.unpack(&format!("{package}={version}"))?;
+        if let Some(vmlinuz) = find_vmlinuz(&root)? {
+            return Ok(vmlinuz);
+        }
+    }
+    bail!(
+        "no vmlinuz in the kernel packages of {}: {candidates:?}",
+        lock_path.display()
+    )
+}
+
+fn find_vmlinuz(root: &Path) -> Result<Option<PathBuf>> {
+    for dir in [root.join("usr/lib/modules"), root.join("boot")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if path.join("vmlinuz").is_file() {
+                return Ok(Some(path.join("vmlinuz")));
+            }
+            if name.starts_with("vmlinuz-") && path.is_file() {
+                return Ok(Some(path));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A binary crate installed with `cargo install --locked` into the cache; returns the binary's path.
+fn ensure_cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
+    let root = cache::subdir(&format!("tools/{name}-{version}"))?;
+    let bin = root.join("bin").join(name);
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: cargo install {name} {version}");
+    proc::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "--quiet", "--locked", "--version", version, "--root"])
+            .arg(&root)
+            .arg(name)
+            .env("CARGO_TARGET_DIR", cache::subdir("tools/target")?),
+    )?;
+    Ok(bin)
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -1,0 +1,249 @@
+//! Host mode (`--simulate`): the agent with an in-process simulated TDX module and a generated app identity,
+//! like dstack's simulator, so SDK users can develop without a CVM. Quotes come from `dstack-sim-tdx` and
+//! verify only against its root (printed as a pin); nothing here claims TDX.
+//!
+//! The generated identity mimics a KMS deployment: a random KMS root CA (P-256, "Dstack KMS CA") and root
+//! k256 key; the app's keys are derived from them with dstack's KDF (`crates/keys`), the app CA is the
+//! KMS-derived `app-ca` key issued by the root, and the RTMR3 events of a dstack boot are measured.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dstack_keys::sig::{compressed, k256_signing_key};
+use dstack_measurements::eventlog::{EV_EVENT_TAG, TdxEvent};
+use dstack_ra_tls::{CaCert, CertRequest};
+use dstack_sim_tdx::{InitialState, SimTdx, root_cert_path};
+use dstack_tee::{
+    EventLogVersion, QUOTE_REPORT_DATA_LEN, RTMR_LEN, Rtmrs, RuntimeEvent, RuntimeEventLog, Tee, TeeError, TeeFuture,
+    TeeKind,
+};
+use dstack_types::{AppKeys, KeyProvider};
+use rcgen::PublicKeyData as _;
+use sha2::{Digest, Sha256, Sha384};
+use zeroize::Zeroizing;
+
+use crate::cert::{LocalCaSigner, p256_key_pair};
+use crate::{Agent, AgentConfig, AgentError};
+
+/// [`Tee`] over an in-process [`SimTdx`] (reports [`TeeKind::Simulated`]).
+#[derive(Debug, Clone)]
+pub struct InProcessSimTee(pub Arc<SimTdx>);
+
+fn sim_err(e: dstack_sim_tdx::SimTdxError) -> TeeError {
+    TeeError::Simulator {
+        endpoint: "in-process".into(),
+        message: e.to_string(),
+    }
+}
+
+impl Tee for InProcessSimTee {
+    fn kind(&self) -> TeeKind {
+        TeeKind::Simulated
+    }
+
+    fn quote(&self, report_data: [u8; QUOTE_REPORT_DATA_LEN]) -> TeeFuture<'_, Vec<u8>> {
+        let sim = Arc::clone(&self.0);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || sim.quote(&report_data))
+                .await
+                .map_err(|e| TeeError::Task(e.to_string()))?
+                .map_err(sim_err)
+        })
+    }
+
+    fn extend_rtmr(&self, index: u32, digest: [u8; RTMR_LEN]) -> TeeFuture<'_, ()> {
+        Box::pin(async move { self.0.extend_rtmr(index, &digest, None).map_err(sim_err) })
+    }
+
+    fn extend_runtime_event(&self, event: RuntimeEvent) -> TeeFuture<'_, ()> {
+        Box::pin(async move {
+            self.0
+                .extend_rtmr(3, &event.digest(), Some((&event.name, &event.payload)))
+                .map_err(sim_err)
+        })
+    }
+
+    fn rtmrs(&self) -> TeeFuture<'_, Rtmrs> {
+        Box::pin(async move { Ok(self.0.registers().rtmr) })
+    }
+
+    fn boot_event_log(&self) -> TeeFuture<'_, Vec<TdxEvent>> {
+        Box::pin(async move { Ok(self.0.boot_event_log()) })
+    }
+}
+
+/// The app-compose used when none is given (keys sorted, compact, as the SDKs' `get_compose_hash` writes it).
+pub const DEFAULT_APP_COMPOSE: &str = r#"{"docker_compose_file":"services: {}\n","gateway_enabled":false,"kms_enabled":true,"manifest_version":2,"name":"dstack-rs-simulated-app","public_logs":false,"public_sysinfo":false,"public_tcbinfo":true,"runner":"docker-compose"}"#;
+
+/// What a simulated agent publishes for verifiers and tests (printed as one JSON line by the binary).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimulationInfo {
+    /// Always true: this is not a TDX guest.
+    pub simulated: bool,
+    /// The simulator root certificate to pin (PEM file).
+    pub root_cert: PathBuf,
+    /// SHA-256 of the simulator root's SubjectPublicKeyInfo.
+    pub root_spki_sha256: String,
+    /// The simulated KMS root CA certificate (PEM file): `GetTlsKey` chains end here.
+    pub kms_root_ca: PathBuf,
+    /// The simulated KMS root k256 public key (compressed, hex): `GetKey` chains recover to it.
+    pub kms_k256_pubkey: String,
+    /// The app's root k256 public key (compressed, hex).
+    pub app_k256_pubkey: String,
+    pub app_id: String,
+    pub instance_id: String,
+    pub compose_hash: String,
+}
+
+/// Boot events (RTMR0-2) of the simulated TD: one labelled event per register (no image is booted).
+fn simulated_boot_log() -> Vec<TdxEvent> {
+    (0..3)
+        .map(|imr| {
+            let label = format!("dstack-rs simulated boot RTMR{imr}");
+            TdxEvent {
+                imr,
+                event_type: EV_EVENT_TAG,
+                digest: Sha384::digest(label.as_bytes()).to_vec(),
+                event: label,
+                event_payload: Vec::new(),
+                version: None,
+            }
+        })
+        .collect()
+}
+
+fn random32() -> Result<Zeroizing<[u8; 32]>, AgentError> {
+    let mut b = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut b[..]).map_err(|e| AgentError::Internal(format!("OS random number generator: {e}")))?;
+    Ok(b)
+}
+
+fn ca_request(subject: &str, app_id: Option<&[u8]>, usage: Option<&str>) -> CertRequest {
+    CertRequest {
+        subject: subject.into(),
+        org_name: Some("Dstack".into()),
+        app_id: app_id.map(<[u8]>::to_vec),
+        special_usage: usage.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+/// Builds a simulated agent: starts the in-process module (signer kept in `state_dir`), generates root keys
+/// and the app identity from `app_compose` (raw JSON), measures dstack's boot events into RTMR3.
+pub async fn simulated_agent(state_dir: &Path, app_compose: &str) -> Result<(Agent, SimulationInfo), AgentError> {
+    let init = InitialState {
+        mrtd: Sha384::digest(b"dstack-rs simulated MRTD").to_vec(),
+        boot_event_log: simulated_boot_log(),
+        ..Default::default()
+    };
+    let sim = Arc::new(SimTdx::open(&init, state_dir).map_err(|e| AgentError::Config(e.to_string()))?);
+    let tee: Arc<dyn Tee> = Arc::new(InProcessSimTee(Arc::clone(&sim)));
+    // The module restarts with fresh registers: start a fresh runtime log too.
+    let log_path = state_dir.join("runtime_events.log");
+    match std::fs::remove_file(&log_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(AgentError::Config(format!("removing {}: {e}", log_path.display())));
+        }
+        _ => {}
+    }
+    let event_log = Arc::new(RuntimeEventLog::new(tee, &log_path, EventLogVersion::V1));
+
+    // Simulated KMS roots.
+    let root_ca_key = dstack_keys::kdf::derive_p256_from_bytes(&random32()?[..], &[b"sim-kms-root-ca"])?;
+    let root_k256 = k256_signing_key(&random32()?[..])?;
+    let (root_kp, _) = p256_key_pair(&root_ca_key)?;
+    let root_ca = CaCert::self_signed(&ca_request("Dstack KMS CA", None, None), root_kp)
+        .map_err(|e| AgentError::Cert(e.to_string()))?;
+
+    // Identity (compose hash, app id, instance id) as a dstack guest computes it.
+    let compose_hash = dstack_types::compose_hash(app_compose.as_bytes());
+    let app_id = dstack_types::app_id(None, &compose_hash);
+    let seed = dstack_types::random_seed().map_err(|e| AgentError::Internal(e.to_string()))?;
+    let instance_id = dstack_types::instance_id(&seed, &app_id);
+    let keys = dstack_keys::derive_app_keys(&root_ca_key, &root_k256, &app_id.0, &instance_id.0)?;
+    let app_ca_key = dstack_keys::app_keys::app_ca_key(&root_ca_key, &app_id.0)?;
+    let (app_ca_kp, _) = p256_key_pair(&app_ca_key)?;
+    let app_ca = CaCert::issued_by(
+        &ca_request("Dstack App CA", Some(&app_id.0), Some("app:ca")),
+        app_ca_kp,
+        &root_ca,
+    )
+    .map_err(|e| AgentError::Cert(e.to_string()))?;
+    let root_spki = root_ca.key().subject_public_key_info();
+    let key_provider_info = serde_json::json!({"name": "kms", "id": hex::encode(&root_spki)}).to_string();
+    let os_image_hash = Sha256::digest(b"dstack-rs simulated OS image").to_vec();
+    let vm_config = serde_json::json!({
+        "os_image_hash": hex::encode(&os_image_hash),
+        "cpu_count": 1,
+        "memory_size": 2_147_483_648u64,
+    })
+    .to_string();
+
+    // RTMR3 events in dstack's boot order (no data disk in simulation, so no storage-fs).
+    for (name, payload) in [
+        ("system-preparing", Vec::new()),
+        ("app-id", app_id.0.to_vec()),
+        ("compose-hash", compose_hash.0.to_vec()),
+        ("instance-id", instance_id.0.to_vec()),
+        ("boot-mr-done", Vec::new()),
+        ("os-image-hash", os_image_hash.clone()),
+        ("key-provider", key_provider_info.as_bytes().to_vec()),
+        ("system-ready", Vec::new()),
+    ] {
+        event_log.measure(name, &payload).await?;
+    }
+
+    let kms_root_ca = state_dir.join("kms-root-ca.pem");
+    std::fs::write(&kms_root_ca, root_ca.cert_pem())
+        .map_err(|e| AgentError::Config(format!("writing {}: {e}", kms_root_ca.display())))?;
+    let app_k256_pubkey = compressed(k256_signing_key(&keys.k256_key[..])?.verifying_key());
+    let app_keys = AppKeys {
+        disk_crypt_key: keys.disk_crypt_key.to_vec(),
+        env_crypt_key: keys.env_crypt_key.to_vec(),
+        k256_key: keys.k256_key.to_vec(),
+        k256_signature: keys.k256_signature.to_vec(),
+        gateway_app_id: String::new(),
+        ca_cert: root_ca.cert_pem().to_owned(),
+        key_provider: KeyProvider::Kms {
+            url: "simulated:".into(),
+            pubkey: root_spki.clone(),
+            tmp_ca_key: String::new(),
+            tmp_ca_cert: String::new(),
+        },
+    };
+    let app_name = serde_json::from_str::<serde_json::Value>(app_compose)
+        .ok()
+        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .unwrap_or_default();
+    let info = SimulationInfo {
+        simulated: true,
+        root_cert: root_cert_path(state_dir),
+        root_spki_sha256: hex::encode(sim.root_spki_sha256()),
+        kms_root_ca,
+        kms_k256_pubkey: hex::encode(compressed(root_k256.verifying_key())),
+        app_k256_pubkey: hex::encode(app_k256_pubkey),
+        app_id: app_id.to_hex(),
+        instance_id: instance_id.to_hex(),
+        compose_hash: compose_hash.to_hex(),
+    };
+    // The simulated KMS signs with the app CA (what KMS SignCert does); chains end at the KMS root.
+    let signer = LocalCaSigner::new(app_ca, vec![root_ca.cert_pem().to_owned()]);
+    let agent = Agent::new(AgentConfig {
+        app_keys,
+        cert_signer: Arc::new(signer),
+        event_log,
+        app_compose: app_compose.to_owned(),
+        app_name,
+        app_id: app_id.0.to_vec(),
+        instance_id: instance_id.0.to_vec(),
+        compose_hash: compose_hash.0.to_vec(),
+        device_id: Vec::new(),
+        vm_config,
+        os_image_hash,
+        key_provider_info,
+        gpu_attestation: String::new(),
+        cloud_vendor: String::new(),
+        cloud_product: String::new(),
+    })?;
+    Ok((agent, info))
+}

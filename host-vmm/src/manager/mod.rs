@@ -1,0 +1,27 @@
+//! The VM manager daemon (`dstack-vmm`): dstack-compatible `Vmm` pRPC API over a unix socket (and optionally
+//! TCP with bearer tokens), persisted per-VM state, CID pool, resource accounting, a process supervisor with
+//! auto-restart, pluggable backends (`kvm`: our VMM; `tcg`: QEMU emulation) and per-VM host services (host
+//! API, simulated TDX module) on the VM's vsock unix sockets.
+//!
+//! - [`config`] — `vmm.toml`.
+//! - [`state`] — work directory layout, manifests, CID pool.
+//! - [`supervisor`] — processes, logs, rlimits.
+//! - [`backend`] — command lines for `kvm` and `tcg`.
+//! - [`vms`] — the registry and lifecycle ([`Manager`]).
+//! - [`services`] — host API + simulated TDX per VM; host-shared files.
+//! - [`validate`] — request checks.
+//! - [`api`] — the `Vmm` service and the TCP auth gate.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod services;
+pub mod state;
+pub mod supervisor;
+pub mod validate;
+pub mod vms;
+
+pub use api::{VmmApi, router};
+pub use backend::{Backend, BackendError, Image, KvmBackend, LaunchInput, TcgBackend};
+pub use config::{BackendKind, VmmConfig};
+pub use vms::{Manager, ManagerError};

@@ -1,0 +1,260 @@
+//! Host-side services of one VM, reachable from the guest over vsock (CID 2): the host API
+//! (`HostApi.Info`, `HostApi.Notify`) at `/api` on `<vsock uds>_<host_api.port>`, and the simulated TDX
+//! module's pRPC server on `<vsock uds>_<sim_tdx.port>`. Also the host-shared files written at creation.
+
+use std::sync::{Arc, Weak};
+
+use dstack_rpc::host_api::{
+    GetSealingKeyRequest, GetSealingKeyResponse, HostApiRpc, HostApiServer, HostInfo, Notification,
+};
+use dstack_rpc::vmm::VmConfiguration;
+use dstack_rpc::{CallContext, Empty, RpcError, RpcRouter};
+use dstack_sim_tdx::{InitialState, SimTdx};
+use dstack_types::shared_files as sf;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::backend::Image;
+use super::config::VmmConfig;
+use super::state::Workdir;
+use super::vms::{Manager, ManagerError};
+
+/// Guest notifications larger than this are refused.
+const MAX_NOTIFY_BYTES: usize = 64 << 10;
+
+/// What the services need to know about their VM.
+#[derive(Debug, Clone)]
+pub struct VmCtx {
+    pub id: String,
+    pub wd: Workdir,
+    pub image: String,
+    pub vcpu: u32,
+    pub memory_mb: u32,
+}
+
+/// Running servers of one VM; dropping the senders stops them.
+#[derive(Debug)]
+pub struct VmServices {
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl VmServices {
+    pub fn shutdown(self) {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Hex field of `metadata.json` → 48 bytes, or `None` (with a warning when present but malformed).
+fn measurement(image: &str, field: &str, v: Option<&String>) -> Option<Vec<u8>> {
+    let v = v?;
+    match hex::decode(v) {
+        Ok(b) if b.len() == 48 => Some(b),
+        _ => {
+            warn!("image {image}: metadata.json {field} is not 48 bytes of hex; ignoring it");
+            None
+        }
+    }
+}
+
+/// The simulated TDX module's starting registers for this VM.
+pub fn initial_state(image: Option<&Image>, vm_id: &str) -> InitialState {
+    let md = image.map(|i| (&i.name, &i.metadata));
+    let get = |field: &str, pick: fn(&super::backend::ImageMetadata) -> Option<&String>| {
+        md.and_then(|(name, m)| measurement(name, field, pick(m)))
+    };
+    let mrtd = get("mrtd", |m| m.mrtd.as_ref());
+    if mrtd.is_none() {
+        warn!(
+            "VM {vm_id}: the image carries no predicted measurements; the simulated TDX module starts with \
+             MRTD and RTMR0-2 all zero (measurements are not predicted yet)"
+        );
+    }
+    InitialState {
+        mrtd: mrtd.unwrap_or_else(|| vec![0; 48]),
+        rtmr0: get("rtmr0", |m| m.rtmr0.as_ref()),
+        rtmr1: get("rtmr1", |m| m.rtmr1.as_ref()),
+        rtmr2: get("rtmr2", |m| m.rtmr2.as_ref()),
+        ..Default::default()
+    }
+}
+
+/// Binds and serves the VM's host API and simulated TDX module.
+pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
+    let _guard = mgr.runtime().enter();
+    let cfg = &mgr.config;
+    let mut stops = Vec::new();
+
+    let host_api = RpcRouter::new("/api").service(HostApiServer::new(GuestHostApi {
+        mgr: Arc::downgrade(mgr),
+        id: ctx.id.clone(),
+        node_name: cfg.node_name.clone(),
+    }));
+    let path = ctx.wd.vsock_port_path(cfg.host_api.port);
+    let listener =
+        dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("host API socket {}: {e}", path.display()))?;
+    let (tx, rx) = oneshot::channel::<()>();
+    stops.push(tx);
+    let router = Arc::new(host_api);
+    mgr.runtime().spawn(async move {
+        if let Err(e) = dstack_rpc::serve_unix(listener, router, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            warn!("host API server: {e}");
+        }
+    });
+
+    let image = Image::load(&cfg.image.path, &ctx.image).ok();
+    let init = initial_state(image.as_ref(), &ctx.id);
+    let sim = SimTdx::open(&init, &ctx.wd.sim_tdx_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
+    let path = ctx.wd.vsock_port_path(cfg.sim_tdx.port);
+    let listener =
+        dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("sim-tdx socket {}: {e}", path.display()))?;
+    let (tx, rx) = oneshot::channel::<()>();
+    stops.push(tx);
+    let router = dstack_sim_tdx::router(Arc::new(sim));
+    mgr.runtime().spawn(async move {
+        if let Err(e) = dstack_rpc::serve_unix(listener, router, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            warn!("sim-tdx server: {e}");
+        }
+    });
+    info!(
+        "VM {}: host API on vsock port {}, simulated TDX module (not real TDX) on vsock port {}",
+        ctx.id, cfg.host_api.port, cfg.sim_tdx.port
+    );
+    Ok(VmServices { stops })
+}
+
+/// The host API as one guest sees it.
+struct GuestHostApi {
+    mgr: Weak<Manager>,
+    id: String,
+    node_name: String,
+}
+
+impl HostApiRpc for GuestHostApi {
+    async fn info(&self, _ctx: &CallContext, _req: Empty) -> Result<HostInfo, RpcError> {
+        Ok(HostInfo {
+            name: self.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+    }
+
+    async fn notify(&self, _ctx: &CallContext, req: Notification) -> Result<Empty, RpcError> {
+        if req.event.len() > 256 || req.payload.len() > MAX_NOTIFY_BYTES {
+            return Err(RpcError::handler("notification too large"));
+        }
+        let mgr = self
+            .mgr
+            .upgrade()
+            .ok_or_else(|| RpcError::handler("VMM shutting down"))?;
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || mgr.guest_event(&id, &req.event, &req.payload))
+            .await
+            .map_err(|e| RpcError::handler(e.to_string()))?
+            .map_err(RpcError::handler)?;
+        Ok(Empty {})
+    }
+
+    async fn get_sealing_key(
+        &self,
+        _ctx: &CallContext,
+        _req: GetSealingKeyRequest,
+    ) -> Result<GetSealingKeyResponse, RpcError> {
+        Err(RpcError::handler(
+            "GetSealingKey: no local key provider is configured on this host",
+        ))
+    }
+}
+
+/// sha256 of the image's `sha256sum.txt` (dstack's `os_image_hash`), if the image has one.
+fn os_image_hash(image: &Image) -> Vec<u8> {
+    std::fs::read(image.dir.join("sha256sum.txt")).map_or_else(|_| Vec::new(), |d| Sha256::digest(&d).to_vec())
+}
+
+/// Writes `shared/`: app-compose.json (verbatim: its sha256 is the compose hash), .sys-config.json,
+/// .encrypted-env, .user-config and .instance_info (pinned app id, if any).
+pub fn write_shared_files(
+    cfg: &VmmConfig,
+    wd: &Workdir,
+    req: &VmConfiguration,
+    image: &Image,
+) -> Result<(), ManagerError> {
+    wd.write_shared(sf::APP_COMPOSE, req.compose_file.as_bytes())?;
+    write_sys_config(cfg, wd, req, image)?;
+    write_optional(wd, sf::ENCRYPTED_ENV, &req.encrypted_env)?;
+    write_optional(wd, sf::USER_CONFIG, req.user_config.as_bytes())?;
+    let app_id = match &req.app_id {
+        Some(h) => hex::decode(h).map_err(|e| ManagerError::Other(format!("app_id: {e}")))?,
+        None => Vec::new(),
+    };
+    let info = dstack_types::InstanceInfo {
+        app_id,
+        ..Default::default()
+    };
+    let json = serde_json::to_vec(&info).map_err(|e| ManagerError::Other(e.to_string()))?;
+    wd.write_shared(sf::INSTANCE_INFO, &json)?;
+    Ok(())
+}
+
+pub fn write_optional(wd: &Workdir, name: &str, data: &[u8]) -> Result<(), ManagerError> {
+    if data.is_empty() {
+        let _ = std::fs::remove_file(wd.shared_file(name));
+        Ok(())
+    } else {
+        Ok(wd.write_shared(name, data)?)
+    }
+}
+
+/// `.sys-config.json` for the VM's current shape.
+pub fn write_sys_config(
+    cfg: &VmmConfig,
+    wd: &Workdir,
+    req: &VmConfiguration,
+    image: &Image,
+) -> Result<(), ManagerError> {
+    let pick = |own: &Vec<String>, default: &Vec<String>| if own.is_empty() { default.clone() } else { own.clone() };
+    let vm_config = dstack_types::VmConfig {
+        os_image_hash: os_image_hash(image),
+        cpu_count: req.vcpu,
+        memory_size: u64::from(req.memory) << 20,
+        qemu_single_pass_add_pages: None,
+        pic: None,
+        qemu_version: None,
+        pci_hole64_size: 0,
+        hugepages: false,
+        num_gpus: 0,
+        num_nvswitches: 0,
+        num_nics: 1,
+        num_verity_volumes: 0,
+        swtpm: false,
+        hotplug_off: false,
+        image: Some(image.name.clone()),
+        host_share_mode: String::new(),
+        ovmf_variant: None,
+        tdx_attestation_variant: None,
+        tdx_measurement: None,
+        spec_version: Some(1),
+    };
+    let sys = dstack_types::SysConfig {
+        kms_urls: pick(&req.kms_urls, &cfg.cvm.kms_urls),
+        gateway_urls: pick(&req.gateway_urls, &cfg.cvm.gateway_urls),
+        pccs_url: cfg.cvm.pccs_url.clone(),
+        collateral_urls: None,
+        nvidia_attestation_proxy_url: None,
+        docker_registry: cfg.cvm.docker_registry.clone(),
+        host_api_url: Some(format!("vsock://2:{}/api", cfg.host_api.port)),
+        mr_config: None,
+        vm_config: vm_config.to_json_string(),
+    };
+    let json = serde_json::to_vec_pretty(&sys).map_err(|e| ManagerError::Other(e.to_string()))?;
+    Ok(wd.write_shared(sf::SYS_CONFIG, &json)?)
+}

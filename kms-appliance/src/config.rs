@@ -1,0 +1,249 @@
+//! `kms.toml`: the KMS configuration (dstack's field names where they exist; unknown fields are rejected).
+//!
+//! Every field has a default, so an empty file is a valid (development-only) configuration:
+//!
+//! ```toml
+//! [rpc]
+//! address = "0.0.0.0"       # listen address of the KMS RPC (HTTPS, RA-TLS)
+//! port = 8000
+//!
+//! [core]
+//! cert_dir = "/etc/kms/certs"   # key material (root-ca.key, root-k256.key, tmp-ca.key, rpc.key, ...)
+//! tee = "auto"                  # "auto" | "tdx" | "simulated:unix:<path>" | "simulated:vsock:<cid>:<port>" | "none"
+//! attest_rpc_cert = true        # put the KMS's own attestation into rpc.crt (needs a TEE)
+//!
+//! [core.attestation]            # how client CVMs' RA-TLS evidence is verified
+//! allow_simulated = false       # accept quotes of the simulated TDX module (dev only)
+//! simulated_roots = []          # pinned simulator roots: PEM file paths or 64-hex SPKI SHA-256 pins
+//! allow_debug = false           # accept TDs with the DEBUG attribute
+//! collateral_file = ""          # dcap-qvl QuoteCollateralV3 JSON for real quotes (offline verification)
+//!
+//! [core.auth_api]
+//! type = "dev"                  # "dev" (allow everything, loudly) | "webhook"
+//! dev.gateway_app_id = ""
+//! webhook.url = "http://127.0.0.1:3000"
+//! webhook.timeout_ms = 5000
+//!
+//! [core.onboard]
+//! enabled = true                # serve Onboard.Bootstrap while no keys exist
+//! auto_bootstrap_domain = ""    # non-empty: bootstrap at start for this domain if no keys exist
+//! address = "0.0.0.0"
+//! port = 8000
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::KmsError;
+
+/// The whole `kms.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsConfig {
+    pub rpc: RpcConfig,
+    pub core: CoreConfig,
+}
+
+impl KmsConfig {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, KmsError> {
+        toml::from_str(text).map_err(|e| KmsError::Config(e.to_string()))
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, KmsError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| KmsError::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| KmsError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+fn default_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+}
+
+fn default_port() -> u16 {
+    8000
+}
+
+/// `[rpc]`: the KMS RPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            address: default_address(),
+            port: default_port(),
+        }
+    }
+}
+
+impl RpcConfig {
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+}
+
+/// `[core]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoreConfig {
+    pub cert_dir: PathBuf,
+    /// Which TEE the KMS itself runs in (for its bootstrap attestation and the RPC certificate).
+    pub tee: String,
+    pub attest_rpc_cert: bool,
+    pub attestation: AttestationConfig,
+    pub auth_api: AuthApiConfig,
+    pub onboard: OnboardConfig,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            cert_dir: PathBuf::from("/etc/kms/certs"),
+            tee: "auto".into(),
+            attest_rpc_cert: true,
+            attestation: AttestationConfig::default(),
+            auth_api: AuthApiConfig::default(),
+            onboard: OnboardConfig::default(),
+        }
+    }
+}
+
+/// `[core.attestation]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationConfig {
+    pub allow_simulated: bool,
+    /// Each entry: a path to the simulator's root certificate (PEM/DER) or a 64-hex SPKI SHA-256 pin.
+    pub simulated_roots: Vec<String>,
+    pub allow_debug: bool,
+    /// dcap-qvl `QuoteCollateralV3` JSON used for every real quote (empty: real quotes are refused).
+    pub collateral_file: Option<PathBuf>,
+}
+
+/// `[core.auth_api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthApiConfig {
+    #[serde(rename = "type")]
+    pub kind: AuthApiKind,
+    pub dev: DevAuthConfig,
+    pub webhook: WebhookConfig,
+}
+
+impl Default for AuthApiConfig {
+    fn default() -> Self {
+        Self {
+            kind: AuthApiKind::Dev,
+            dev: DevAuthConfig::default(),
+            webhook: WebhookConfig::default(),
+        }
+    }
+}
+
+/// Which authorization policy decides key release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthApiKind {
+    Dev,
+    Webhook,
+}
+
+/// `[core.auth_api.dev]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevAuthConfig {
+    pub gateway_app_id: String,
+}
+
+/// `[core.auth_api.webhook]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Base URL; the KMS posts to `{url}/bootAuth/app` and `{url}/bootAuth/kms`. `http://` only.
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3000".into(),
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[core.onboard]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnboardConfig {
+    pub enabled: bool,
+    pub auto_bootstrap_domain: String,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Default for OnboardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            auto_bootstrap_domain: String::new(),
+            address: default_address(),
+            port: default_port(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = KmsConfig::from_toml("").unwrap();
+        assert_eq!(c.rpc.port, 8000);
+        assert_eq!(c.core.cert_dir, PathBuf::from("/etc/kms/certs"));
+        assert_eq!(c.core.auth_api.kind, AuthApiKind::Dev);
+        assert!(!c.core.attestation.allow_simulated);
+        assert!(c.core.onboard.enabled);
+        assert_eq!(c.core.auth_api.webhook.timeout_ms, 5000);
+    }
+
+    #[test]
+    fn dstack_style_file_parses_and_unknown_fields_are_refused() {
+        let c = KmsConfig::from_toml(
+            r#"
+            [rpc]
+            address = "127.0.0.1"
+            port = 9100
+            [core]
+            cert_dir = "/tmp/kms"
+            [core.attestation]
+            allow_simulated = true
+            simulated_roots = ["/tmp/sim-root.pem"]
+            [core.auth_api]
+            type = "webhook"
+            webhook.url = "http://auth:3000"
+            [core.onboard]
+            auto_bootstrap_domain = "kms.local"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.rpc.socket_addr().to_string(), "127.0.0.1:9100");
+        assert_eq!(c.core.auth_api.kind, AuthApiKind::Webhook);
+        assert_eq!(c.core.auth_api.webhook.url, "http://auth:3000");
+        assert_eq!(c.core.onboard.auto_bootstrap_domain, "kms.local");
+        let err = KmsConfig::from_toml("[core]\ncert_dri = \"/x\"\n").unwrap_err();
+        assert!(err.to_string().contains("cert_dri"), "{err}");
+        assert!(KmsConfig::from_toml("[core.auth_api]\ntype = \"chain\"\n").is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! dstack-compatible KMS appliance: attested key release.
+//!
+//! * [`config`]: `kms.toml` (dstack field names, documented defaults).
+//! * [`store`]: key files in `cert_dir` with dstack's names, written atomically with mode 0600.
+//! * [`bootstrap`]: first start — root CA (P-256), root k256 key, temp CA and RPC certificate, attested by the
+//!   KMS's own TEE; the `Onboard` service (`Bootstrap`, `Finish`).
+//! * [`policy`]: `BootInfo` (dstack's JSON) and the authorization APIs: `dev` and `webhook`.
+//! * [`service`]: the `KMS` service — `GetAppKey`, `GetAppEnvEncryptPubKey`, `GetMeta`, `GetTempCaCert`,
+//!   `SignCert`, `GetKmsKey`.
+//! * [`tls`]: the RA-TLS server configuration (client certificates optional at the TLS layer; methods that
+//!   need an attested caller check it themselves).
+//! * [`server`]: wiring it together (what the `dstack-kms` binary runs).
+//!
+//! Not implemented yet: on-chain policy, replication (`Onboard.Onboard`, the caller side of `GetKmsKey`),
+//! certificate revocation, OS image verification (`Admin.ClearImageCache` answers with an error).
+
+pub mod bootstrap;
+pub mod config;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+pub use config::KmsConfig;
+pub use server::{Kms, KmsHandle};
+
+/// Errors of the KMS library.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("key storage: {0}")]
+    Storage(String),
+    #[error("already bootstrapped: {0}")]
+    AlreadyBootstrapped(String),
+    #[error("not bootstrapped: {0}")]
+    NotBootstrapped(String),
+    #[error("key generation: {0}")]
+    KeyGen(String),
+    #[error("TEE: {0}")]
+    Tee(#[from] dstack_tee::TeeError),
+    #[error("certificate: {0}")]
+    Cert(#[from] dstack_ra_tls::RaTlsError),
+    #[error("key derivation: {0}")]
+    Keys(#[from] dstack_keys::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,222 @@
+//! Wiring: configuration → TEE, verifier, policy, key store → the onboarding server (until keys exist) → the
+//! KMS RPC over HTTPS (`/prpc`, `KMS.` prefix accepted).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use dstack_measurements::sim::SimRootPin;
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, StaticCollateral};
+use dstack_rpc::RpcRouter;
+use dstack_rpc::kms::{KmsServer, OnboardServer};
+use dstack_tee::{RUNTIME_EVENT_LOG_FILE, TeeConfig, TeeError, TeeRequest, detect, tdx::TdxPaths};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::KmsError;
+use crate::bootstrap::{OnboardService, SelfTee, bootstrap};
+use crate::config::{AttestationConfig, KmsConfig};
+use crate::policy::AuthApi;
+use crate::service::KmsService;
+use crate::store::KeyStore;
+
+/// Resolves `[core] tee`: `none` → no TEE; `auto` → TDX or the simulated module named on the kernel command
+/// line, else no TEE (with a warning); anything else → that TEE or an error.
+pub fn resolve_tee(selector: &str) -> Result<Option<SelfTee>, KmsError> {
+    let wrap = |tee| {
+        Some(SelfTee {
+            tee,
+            runtime_log: RUNTIME_EVENT_LOG_FILE.into(),
+        })
+    };
+    match selector {
+        "none" => Ok(None),
+        "auto" | "" => match TeeConfig::system().and_then(|c| detect(&c)) {
+            Ok(tee) => Ok(wrap(tee)),
+            Err(e @ (TeeError::NoTee(_) | TeeError::Io { .. })) => {
+                tracing::warn!("no TEE for the KMS itself ({e}); keys will not be attested");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        },
+        other => {
+            let cfg = TeeConfig {
+                tdx_paths: TdxPaths::system(),
+                request: TeeRequest::parse(other)?,
+            };
+            Ok(wrap(detect(&cfg)?))
+        }
+    }
+}
+
+/// Builds the client-attestation verifier from `[core.attestation]`.
+pub fn build_verifier(cfg: &AttestationConfig) -> Result<Arc<AttestationVerifier>, KmsError> {
+    let mut pins = Vec::new();
+    for entry in &cfg.simulated_roots {
+        let data = if entry.len() == 64 && entry.bytes().all(|b| b.is_ascii_hexdigit()) {
+            entry.as_bytes().to_vec()
+        } else {
+            std::fs::read(Path::new(entry))
+                .map_err(|e| KmsError::Config(format!("simulated_roots: reading {entry}: {e}")))?
+        };
+        pins.push(SimRootPin::parse(&data).map_err(|e| KmsError::Config(format!("simulated_roots {entry}: {e}")))?);
+    }
+    if cfg.allow_simulated {
+        tracing::warn!("attestation: SIMULATED quotes are accepted (development only)");
+        if pins.is_empty() {
+            return Err(KmsError::Config(
+                "allow_simulated needs at least one pinned simulator root in simulated_roots".into(),
+            ));
+        }
+    }
+    let collateral = match &cfg.collateral_file {
+        Some(path) => {
+            let data = std::fs::read(path)
+                .map_err(|e| KmsError::Config(format!("collateral_file {}: {e}", path.display())))?;
+            let c: dcap_qvl::QuoteCollateralV3 = serde_json::from_slice(&data)
+                .map_err(|e| KmsError::Config(format!("collateral_file {}: {e}", path.display())))?;
+            Some(Arc::new(StaticCollateral(c)) as Arc<dyn dstack_ra_tls::CollateralProvider>)
+        }
+        None => None,
+    };
+    Ok(Arc::new(AttestationVerifier::new(AttestationPolicy {
+        allow_simulated: cfg.allow_simulated,
+        simulated_roots: pins,
+        allow_debug: cfg.allow_debug,
+        collateral,
+        required_usage: None,
+        cache_ttl: None,
+    })))
+}
+
+/// A configured KMS (not yet serving).
+#[derive(Debug)]
+pub struct Kms {
+    pub config: KmsConfig,
+    pub store: KeyStore,
+    pub tee: Option<SelfTee>,
+    verifier: Arc<AttestationVerifier>,
+    auth: AuthApi,
+}
+
+/// A running KMS RPC server.
+#[derive(Debug)]
+pub struct KmsHandle {
+    pub addr: SocketAddr,
+    pub service: KmsService,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl KmsHandle {
+    /// Stops accepting, drains connections and waits for the server to end.
+    pub async fn shutdown(mut self) -> Result<(), KmsError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| KmsError::Io(std::io::Error::other(e.to_string())))??;
+        Ok(())
+    }
+
+    /// Waits until the server ends (it ends only on shutdown or a fatal error).
+    pub async fn wait(self) -> Result<(), KmsError> {
+        let _keep_running = self.stop;
+        self.task
+            .await
+            .map_err(|e| KmsError::Io(std::io::Error::other(e.to_string())))??;
+        Ok(())
+    }
+}
+
+impl Kms {
+    /// A KMS whose own TEE comes from `[core] tee`.
+    pub fn new(config: KmsConfig) -> Result<Self, KmsError> {
+        let tee = resolve_tee(&config.core.tee)?;
+        Self::with_tee(config, tee)
+    }
+
+    /// A KMS with an explicit own TEE (tests pass the simulated module here).
+    pub fn with_tee(config: KmsConfig, tee: Option<SelfTee>) -> Result<Self, KmsError> {
+        let verifier = build_verifier(&config.core.attestation)?;
+        let auth = AuthApi::from_config(&config.core.auth_api).map_err(|e| KmsError::Config(e.to_string()))?;
+        if auth.is_dev() {
+            tracing::warn!(
+                "!!! auth_api type = \"dev\": EVERY attested CVM receives its keys and any KMS the root keys. \
+                 Never use this in production !!!"
+            );
+        }
+        Ok(Self {
+            store: KeyStore::new(&config.core.cert_dir),
+            config,
+            tee,
+            verifier,
+            auth,
+        })
+    }
+
+    /// Bootstraps the key store for `domain` (refuses when keys exist).
+    pub async fn bootstrap(&self, domain: &str) -> Result<dstack_rpc::kms::BootstrapResponse, KmsError> {
+        let keys = bootstrap(&self.store, domain, self.tee.as_ref(), self.config.core.attest_rpc_cert).await?;
+        Ok(keys.bootstrap_info)
+    }
+
+    /// Serves the `Onboard` service over plain HTTP on `listener` until a bootstrap is followed by `Finish`.
+    pub async fn serve_onboard(&self, listener: TcpListener) -> Result<(), KmsError> {
+        let (svc, mut finished) =
+            OnboardService::new(self.store.clone(), self.tee.clone(), self.config.core.attest_rpc_cert);
+        let router = Arc::new(RpcRouter::new("/prpc").service(OnboardServer::new(svc)));
+        tracing::info!(addr = %listener.local_addr()?, "no keys yet: serving Onboard (Bootstrap, Finish)");
+        dstack_rpc::serve_tcp(listener, router, async move {
+            let _ = finished.wait_for(|f| *f).await;
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Loads the keys and serves the KMS RPC over RA-TLS on `listener`.
+    pub async fn start(&self, listener: TcpListener) -> Result<KmsHandle, KmsError> {
+        let store = self.store.clone();
+        let keys = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| KmsError::Storage(format!("loader task failed: {e}")))??;
+        let tls = crate::tls::server_config(&keys)?;
+        let service = KmsService::new(keys, Arc::clone(&self.verifier), self.auth.clone());
+        let router = Arc::new(RpcRouter::new("/prpc").service(KmsServer::new(service.clone())));
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(dstack_rpc::serve_tls(listener, tls, router, async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%addr, policy = %self.auth.describe(), "KMS RPC listening (HTTPS, RA-TLS client auth)");
+        Ok(KmsHandle {
+            addr,
+            service,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The binary's path: auto-bootstrap or onboarding when needed, then the KMS RPC until it ends.
+    pub async fn run(self) -> Result<(), KmsError> {
+        if !self.store.is_initialized() {
+            let domain = self.config.core.onboard.auto_bootstrap_domain.trim().to_owned();
+            if !domain.is_empty() {
+                self.bootstrap(&domain).await?;
+            } else if self.config.core.onboard.enabled {
+                let o = &self.config.core.onboard;
+                let listener = TcpListener::bind((o.address, o.port)).await?;
+                self.serve_onboard(listener).await?;
+            } else {
+                return Err(KmsError::NotBootstrapped(format!(
+                    "{} holds no keys, onboarding is disabled and no auto_bootstrap_domain is set",
+                    self.store.dir().display()
+                )));
+            }
+        }
+        let listener = TcpListener::bind(self.config.rpc.socket_addr()).await?;
+        self.start(listener).await?.wait().await
+    }
+}
