@@ -1,11 +1,13 @@
-//! guest-init: the CVM's PID 1 ([`pid1`]) and the dstack-compatible boot sequence ([`boot`]).
-//! The guest agent (`guest-init agent`) comes in a later change.
+//! guest-init: the CVM's PID 1 ([`pid1`]), the dstack-compatible boot sequence ([`boot`]) and its
+//! production backends ([`backends`]: the TEE chosen by `dstack.tee=`, the KMS over RA-TLS, the in-process
+//! guest agent).
 //!
 //! Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target
 //! x86_64-unknown-linux-gnu -p dstack-guest-init`. Nothing in the boot path resolves host names (glibc's
 //! NSS does not work statically): endpoints must be IP literals (tokio parses those without
 //! `getaddrinfo`), vsock or unix sockets.
 
+pub mod backends;
 pub mod boot;
 pub mod cmdline;
 pub mod log;
@@ -17,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use boot::config::HostSharedSource;
-use boot::{BootEnv, DataDisk, Deps};
+use boot::{BootEnv, DataDisk};
 use cmdline::Cmdline;
 use pid1::{InitState, PowerAction};
 
@@ -46,14 +48,17 @@ pub fn boot_thread(state: Arc<InitState>, cmdline: Cmdline) {
             host_api: cmdline.host_api.clone(),
             start_app: true,
         };
-        // The TEE (RTMR3) and KMS backends are wired in when crates/tee and crates/ra-tls land; until
-        // then measurement fails closed and no key is ever requested.
-        let deps = Deps {
-            measurer: &boot::measure::NoTee,
-            kms: None,
-            state: Some(&state),
-        };
-        boot::run(&env, &deps).map(|_| ()).map_err(|e| e.to_string())
+        // The TEE is chosen explicitly (`dstack.tee=`; TDX when present); without one the boot stops here.
+        let tee_cfg = dstack_tee::TeeConfig::system().map_err(|e| e.to_string())?;
+        let tee = dstack_tee::detect(&tee_cfg).map_err(|e| e.to_string())?;
+        tracing::info!("TEE: {}", tee.kind().as_str());
+        let backends = backends::Backends::new(tee, dstack_tee::RUNTIME_EVENT_LOG_FILE, None)
+            .map_err(|e| format!("runtime: {e}"))?;
+        let deps = backends.deps(Some(&state));
+        let result = boot::run(&env, &deps).map(|_| ()).map_err(|e| e.to_string());
+        // The agent and the KMS signer live on the backends' runtime: keep it for the life of PID 1.
+        std::mem::forget(backends);
+        result
     })();
     match result {
         Ok(()) => tracing::info!("boot complete"),

@@ -1,6 +1,6 @@
 //! App keys (DESIGN.md §3 step 5): provider `none` (a fresh random seed every boot → keys derived as
 //! dstack's `gen_app_keys_from_seed`; the disk is therefore ephemeral) and `kms` through the [`KeySource`]
-//! trait (RA-TLS `GetAppKey`, implemented elsewhere). After keys arrive: the pinned `key_provider_id` is
+//! trait (RA-TLS `GetAppKey`, implemented in [`super::kms`]). After keys arrive: the pinned `key_provider_id` is
 //! checked, then `os-image-hash` (KMS only) and `key-provider` are measured.
 
 use dstack_types::{AppCompose, AppKeys, KeyProvider, KeyProviderKind};
@@ -34,7 +34,8 @@ pub struct KmsKeys {
 
 /// Gets app keys from a KMS (first working URL of `kms_urls`, over RA-TLS). Implemented by the KMS client.
 pub trait KeySource: Send + Sync {
-    fn get_app_keys(&self, kms_urls: &[String], vm_config: &str) -> Result<KmsKeys, KeyError>;
+    /// `key_provider_id`: app-compose's pin of the KMS root CA SubjectPublicKeyInfo (empty = none).
+    fn get_app_keys(&self, kms_urls: &[String], vm_config: &str, key_provider_id: &[u8]) -> Result<KmsKeys, KeyError>;
 }
 
 /// Keys for provider `none` from a 32-byte seed (dstack: app CA key from `["app-key"]`, disk key
@@ -89,7 +90,9 @@ pub fn provide(
                     reason: "sys-config has no kms_urls".into(),
                 });
             }
-            let r = kms.ok_or(KeyError::NoKms)?.get_app_keys(kms_urls, vm_config)?;
+            let r = kms
+                .ok_or(KeyError::NoKms)?
+                .get_app_keys(kms_urls, vm_config, &compose.key_provider_id())?;
             Ok((r.keys, Some(r.os_image_hash)))
         }
         other => Err(KeyError::Unsupported(other)),

@@ -3,8 +3,8 @@
 //! `boot-mr-done` (empty) → *keys* → `os-image-hash` (KMS only) → `key-provider` → `storage-fs` →
 //! `system-ready` (empty).
 //!
-//! Events go through the [`Measurer`] trait; the TEE crate's event log (extend RTMR3 + append the JSON
-//! line) implements it when wired in. [`digest`] and [`RecordingMeasurer`] are here for tests and for
+//! Events go through the [`Measurer`] trait; production uses [`super::tee::TeeMeasurer`] (crates/tee's event
+//! log: extend RTMR3, append the JSON line). [`digest`] and [`RecordingMeasurer`] are here for tests and for
 //! checking the order: they compute dstack's digests and replay an RTMR3 value, they do not touch a TEE.
 
 use sha2::{Digest, Sha256, Sha384};

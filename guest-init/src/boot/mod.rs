@@ -1,17 +1,20 @@
 //! The boot sequence (DESIGN.md §3), one function per step, run in order by [`run`]:
 //! config intake → strict app-compose → identities → app events → keys → key events → storage-fs → data
-//! disk → instance.info → system-ready → env → init scripts → containerd/dockerd → the app.
+//! disk → instance.info → system-ready → env → guest agent → init scripts → containerd/dockerd → the app.
 //! Every step reports progress to the host; the first error is reported as `boot.error` and returned
-//! (PID 1 then powers off). Gateway registration and the KMS/TEE backends plug in through
-//! [`keys::KeySource`] and [`measure::Measurer`].
+//! (PID 1 then powers off). The backends plug in through [`measure::Measurer`] ([`tee::TeeMeasurer`]),
+//! [`keys::KeySource`] ([`kms::KmsKeySource`]) and [`AgentStarter`] (`crate::backends::GuestAgent`).
+//! Gateway registration is not wired yet.
 
 pub mod config;
 pub mod docker;
 pub mod env;
 pub mod keys;
+pub mod kms;
 pub mod luks;
 pub mod measure;
 pub mod notify;
+pub mod tee;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,6 +98,10 @@ impl BootEnv {
     pub fn shared_dir(&self) -> PathBuf {
         self.work_dir().join(".host-shared")
     }
+    /// `.appkeys.json` (mode 0600): in the work dir, never in the host-shared copy.
+    pub fn app_keys_path(&self) -> PathBuf {
+        self.work_dir().join(names::APP_KEYS)
+    }
     /// The data disk's mount point.
     pub fn data_dir(&self) -> PathBuf {
         self.work_dir().join("persistent")
@@ -107,6 +114,13 @@ pub struct Deps<'a> {
     pub kms: Option<&'a dyn keys::KeySource>,
     /// Shutdown hooks and the supervisor (absent in tests that stop before Docker).
     pub state: Option<&'a InitState>,
+    /// Starts the guest agent once keys are in place (absent: no agent).
+    pub agent: Option<&'a dyn AgentStarter>,
+}
+
+/// Starts the guest agent (step 10) after keys and env, before the app, so containers find its socket.
+pub trait AgentStarter: Send + Sync {
+    fn start(&self, env: &BootEnv, report: &BootReport) -> Result<(), String>;
 }
 
 /// What the boot established.
@@ -232,7 +246,7 @@ fn prepare_inner(
     )?;
     let keys_json =
         zeroize::Zeroizing::new(serde_json::to_vec(&keys).map_err(|e| step_err("app keys")(e.to_string()))?);
-    config::write_private(&env.shared_dir().join(names::APP_KEYS), &keys_json)
+    config::write_private(&env.app_keys_path(), &keys_json)
         .map_err(|e| step_err("writing .appkeys.json")(e.to_string()))?;
 
     let fs = RuntimeEvent::new(measure::names::STORAGE_FS, env.data.fs_name().as_bytes());
@@ -332,6 +346,13 @@ pub fn start_app(env: &BootEnv, report: &BootReport, state: &InitState, n: &dyn 
 /// The whole sequence; on error `boot.error` has been sent.
 pub fn run(env: &BootEnv, deps: &Deps<'_>) -> Result<BootReport, BootError> {
     let (report, notifier) = prepare(env, deps)?;
+    if let Some(agent) = deps.agent {
+        notifier.notify("boot.progress", "starting guest agent");
+        if let Err(e) = agent.start(env, &report).map_err(step_err("guest agent")) {
+            notifier.notify("boot.error", &e.to_string());
+            return Err(e);
+        }
+    }
     if env.start_app {
         let state = deps
             .state

@@ -31,13 +31,20 @@ impl std::fmt::Debug for HostApiNotifier {
 }
 
 impl HostApiNotifier {
-    /// `url`: `http://<ip>:<port>/api` or `unix:/path` (vsock comes with the VMM's vsock transport). Host
-    /// names are not resolved in the boot path (static binary, no NSS): use IP literals.
+    /// `url`: `vsock://<cid>:<port>[/path]` (sys-config's form, e.g. `vsock://2:10000/api`),
+    /// `vsock:<cid>:<port>`, `http://<ip>:<port>/api` or `unix:/path`. Host names are not resolved in the boot
+    /// path (static binary, no NSS): use IP literals.
     pub fn new(url: &str) -> Result<Self, String> {
-        // The VMM serves the host API under `/api` (dstack); a unix endpoint carries no path, so add it.
-        let client = match url.strip_prefix("unix:") {
-            Some(path) => dstack_rpc::Client::unix(path, "/api"),
-            None => dstack_rpc::Client::new(url).map_err(|e| e.to_string())?,
+        // The VMM serves the host API under `/api` (dstack); vsock and unix endpoints without a path get it.
+        let client = if let Some(path) = url.strip_prefix("unix:") {
+            dstack_rpc::Client::unix(path, "/api")
+        } else if let Some(rest) = url.strip_prefix("vsock://").or_else(|| url.strip_prefix("vsock:")) {
+            let (addr, prefix) = vsock_parts(rest);
+            dstack_rpc::Client::new(&format!("vsock:{addr}"))
+                .map_err(|e| e.to_string())?
+                .with_path_prefix(&prefix)
+        } else {
+            dstack_rpc::Client::new(url).map_err(|e| e.to_string())?
         }
         .with_timeout(std::time::Duration::from_secs(10));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -63,14 +70,19 @@ impl Notifier for HostApiNotifier {
     }
 }
 
+/// `<cid>:<port>[/path]` → (`<cid>:<port>`, path prefix, default `/api`).
+fn vsock_parts(rest: &str) -> (&str, String) {
+    match rest.split_once('/') {
+        Some((a, p)) if !p.trim_matches('/').is_empty() => (a, format!("/{}", p.trim_matches('/'))),
+        Some((a, _)) => (a, "/api".to_owned()),
+        None => (rest, "/api".to_owned()),
+    }
+}
+
 /// Picks the notifier for an endpoint (cmdline override, else sys-config `host_api_url`).
 pub fn for_endpoint(url: Option<&str>) -> Box<dyn Notifier> {
     match url.filter(|u| !u.is_empty()) {
         None => Box::new(NullNotifier),
-        Some(u) if u.starts_with("vsock:") => {
-            tracing::warn!("host API {u}: vsock transport not available yet; notifications are only logged");
-            Box::new(NullNotifier)
-        }
         Some(u) => match HostApiNotifier::new(u) {
             Ok(n) => Box::new(n),
             Err(e) => {
@@ -105,6 +117,17 @@ mod tests {
         ) -> Result<dstack_rpc::host_api::GetSealingKeyResponse, RpcError> {
             Err(RpcError::handler("no"))
         }
+    }
+
+    #[test]
+    fn vsock_urls_parse() {
+        assert_eq!(vsock_parts("2:10000/api"), ("2:10000", "/api".to_owned()));
+        assert_eq!(vsock_parts("2:10000"), ("2:10000", "/api".to_owned()));
+        assert_eq!(vsock_parts("2:10000/"), ("2:10000", "/api".to_owned()));
+        assert_eq!(vsock_parts("3:9/x/y/"), ("3:9", "/x/y".to_owned()));
+        assert!(HostApiNotifier::new("vsock://2:10000/api").is_ok());
+        assert!(HostApiNotifier::new("vsock:2:10000").is_ok());
+        assert!(HostApiNotifier::new("vsock://2/api").is_err(), "port required");
     }
 
     #[test]

@@ -40,6 +40,7 @@ fn none_provider_event_order_and_payloads() {
         measurer: &m,
         kms: None,
         state: None,
+        agent: None,
     };
     let report = run(&t.env, &deps).unwrap();
     assert_eq!(
@@ -69,7 +70,7 @@ fn none_provider_event_order_and_payloads() {
     assert!(ev[8].payload.is_empty());
     // Files written for later steps and the agent.
     let shared = t.env.shared_dir();
-    let keys = AppKeys::from_slice(&std::fs::read(shared.join(names::APP_KEYS)).unwrap()).unwrap();
+    let keys = AppKeys::from_slice(&std::fs::read(t.env.app_keys_path()).unwrap()).unwrap();
     assert_eq!(keys.disk_crypt_key, report.keys.disk_crypt_key);
     let info = InstanceInfo::from_slice(&std::fs::read(shared.join(names::INSTANCE_INFO)).unwrap()).unwrap();
     assert_eq!(info.instance_id, ev[4].payload);
@@ -84,6 +85,7 @@ fn none_provider_gets_a_fresh_instance_every_boot() {
         measurer: &m,
         kms: None,
         state: None,
+        agent: None,
     };
     let a = run(&t.env, &deps).unwrap();
     // The host stores what we reported and hands it back next boot.
@@ -107,7 +109,7 @@ struct FakeKms {
 }
 
 impl KeySource for FakeKms {
-    fn get_app_keys(&self, urls: &[String], vm_config: &str) -> Result<KmsKeys, KeyError> {
+    fn get_app_keys(&self, urls: &[String], vm_config: &str, _pin: &[u8]) -> Result<KmsKeys, KeyError> {
         assert_eq!(urls, ["https://10.0.0.1:8000"]);
         assert!(vm_config.contains("cpu_count"));
         let secret = [9u8; 32];
@@ -149,6 +151,7 @@ fn kms_provider_persists_seed_and_measures_provider() {
         measurer: &m,
         kms: Some(&kms),
         state: None,
+        agent: None,
     };
     let a = run(&t.env, &deps).unwrap();
     assert!(a.identity.seed_is_new);
@@ -190,6 +193,7 @@ fn kms_pin_mismatch_stops_before_disk() {
         measurer: &m,
         kms: Some(&kms),
         state: None,
+        agent: None,
     };
     let err = run(&t.env, &deps).unwrap_err();
     assert!(
@@ -197,7 +201,7 @@ fn kms_pin_mismatch_stops_before_disk() {
         "{err}"
     );
     assert!(!m.names().contains(&"storage-fs".to_owned()));
-    assert!(!t.env.shared_dir().join(names::APP_KEYS).exists());
+    assert!(!t.env.app_keys_path().exists());
 }
 
 #[test]
@@ -231,6 +235,7 @@ fn encrypted_env_is_decrypted_and_filtered() {
             measurer: &m,
             kms: Some(&kms),
             state: None,
+            agent: None,
         },
     )
     .unwrap();
@@ -250,12 +255,10 @@ fn no_tee_stops_at_the_first_event() {
             measurer: &measure::NoTee,
             kms: None,
             state: None,
+            agent: None,
         },
     )
     .unwrap_err();
     assert!(err.to_string().contains("system-preparing"), "{err}");
-    assert!(
-        !t.env.shared_dir().join(names::APP_KEYS).exists(),
-        "no keys without measurement"
-    );
+    assert!(!t.env.app_keys_path().exists(), "no keys without measurement");
 }

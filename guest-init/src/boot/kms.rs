@@ -1,0 +1,440 @@
+//! Key provider `kms` (DESIGN.md §3 step 5, dstack-facts §4 "Key retrieval"): for each URL of
+//! `sys-config.kms_urls` in order, the first that works:
+//! 1. an unauthenticated TLS connection to `<url>/prpc` asks `GetTempCaCert` for the KMS root CA and the
+//!    temporary client CA (as dstack: the root is trusted on first use unless app-compose pins it with
+//!    `key_provider_id` = its SubjectPublicKeyInfo DER, which is checked here before anything else);
+//! 2. a fresh P-256 key gets an RA-TLS client certificate: our quote with report data
+//!    `SHA-512("ratls-cert:" ‖ SPKI)` and the event log so far, issued by the temporary CA (a dstack KMS
+//!    requires that chain at the TLS layer);
+//! 3. mutual TLS to the same URL, the server certificate verified by [`KmsServerVerifier`] (chains to that
+//!    root, special usage `kms:rpc`, and — when configured — its own attestation);
+//! 4. `GetAppKey{api_version: 1, vm_config}`.
+//!
+//! The same mTLS client backs [`KmsCertSigner`], the guest agent's `GetTlsKey` signer (KMS `SignCert`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_guest_agent::AgentError;
+use dstack_guest_agent::cert::{CertSigner, SignFuture};
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CaCert, CertAttestation, CertRequest, parse_cert};
+use dstack_rpc::Client;
+use dstack_rpc::kms::{GetAppKeyRequest, KmsClient, SignCertRequest};
+use dstack_tee::RuntimeEventLog;
+use dstack_types::{AppKeys, KeyProvider};
+use rcgen::{KeyPair, PublicKeyData};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::{CertificateError, DigitallySignedStruct, Error as TlsError, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use tokio::runtime::Handle;
+
+use super::keys::{KeyError, KeySource, KmsKeys};
+use super::tee::TeeMeasurer;
+
+/// The special usage a KMS RPC certificate carries.
+pub const KMS_RPC_USAGE: &str = "kms:rpc";
+const CSR_CONFIRM: &str = "please sign cert:";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Verifies a KMS RPC server certificate: chain to the KMS root CA, usage `kms:rpc`, and (optional) the
+/// certificate's attestation. The host name is not checked: the endpoints are IP literals (no DNS in the
+/// boot path) and the identity is the pinned root plus the usage, as dstack's `validate_kms_rpc_cert`.
+/// rustls's webpki verifier checks the name last, after the chain, so a name mismatch still means the chain
+/// verified.
+#[derive(Debug)]
+pub struct KmsServerVerifier {
+    chain: Arc<WebPkiServerVerifier>,
+    attestation: Option<Arc<AttestationVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl KmsServerVerifier {
+    pub fn new(root: CertificateDer<'static>, attestation: Option<AttestationPolicy>) -> Result<Arc<Self>, String> {
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        roots.add(root).map_err(|e| format!("KMS root CA: {e}"))?;
+        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| format!("KMS root CA: {e}"))?;
+        Ok(Arc::new(Self {
+            chain,
+            attestation: attestation.map(|p| Arc::new(AttestationVerifier::new(p))),
+            provider,
+        }))
+    }
+}
+
+fn other_err(msg: String) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        std::io::Error::other(msg),
+    ))))
+}
+
+impl ServerCertVerifier for KmsServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        match self
+            .chain
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(_)
+            | Err(TlsError::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let parsed = parse_cert(end_entity).map_err(|e| other_err(format!("KMS certificate: {e}")))?;
+        if parsed.special_usage.as_deref() != Some(KMS_RPC_USAGE) {
+            return Err(other_err(format!(
+                "KMS certificate usage is {:?}, expected {KMS_RPC_USAGE:?}",
+                parsed.special_usage
+            )));
+        }
+        if let Some(att) = &self.attestation {
+            match att.verify_cert(end_entity, now.as_secs()) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(other_err("KMS certificate carries no attestation".into())),
+                Err(e) => return Err(other_err(format!("KMS certificate attestation: {e}"))),
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The first, unauthenticated connection (dstack's `tls_no_check`): only public data is fetched over it, and
+/// what it returns is checked against the pin or through the second, verified connection.
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `<url>/prpc` (dstack appends it unless present).
+pub fn prpc_url(url: &str) -> String {
+    let u = url.trim_end_matches('/');
+    if u.ends_with("/prpc") {
+        u.to_owned()
+    } else {
+        format!("{u}/prpc")
+    }
+}
+
+fn client(
+    url: &str,
+    verifier: Arc<dyn ServerCertVerifier>,
+    auth: Option<(Vec<CertificateDer<'static>>, &KeyPair)>,
+) -> Result<KmsClient<Client>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let cfg = match auth {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| format!("client certificate: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    let c = Client::new(&prpc_url(url))
+        .map_err(|e| e.to_string())?
+        .with_tls(Arc::new(cfg))
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(60));
+    Ok(KmsClient::new(c))
+}
+
+/// A KMS endpoint after the first connection: its root CA and temporary client CA.
+#[derive(Debug, Clone)]
+pub struct KmsEndpoint {
+    pub url: String,
+    pub root_pem: String,
+    pub root_der: CertificateDer<'static>,
+    /// SubjectPublicKeyInfo DER of the root CA (the `key-provider` id).
+    pub root_spki: Vec<u8>,
+    pub tmp_ca_cert: String,
+    pub tmp_ca_key: String,
+}
+
+/// How the guest talks to KMSs.
+#[derive(Debug, Clone)]
+pub struct KmsConnector {
+    measurer: Arc<TeeMeasurer>,
+    /// Verify the KMS certificate's own attestation too (off by default: the guest has no collateral).
+    pub kms_attestation: Option<AttestationPolicy>,
+}
+
+impl KmsConnector {
+    pub fn new(measurer: Arc<TeeMeasurer>, kms_attestation: Option<AttestationPolicy>) -> Self {
+        Self {
+            measurer,
+            kms_attestation,
+        }
+    }
+
+    fn log(&self) -> Result<Arc<RuntimeEventLog>, String> {
+        self.measurer
+            .event_log()
+            .ok_or_else(|| "no runtime events measured yet".to_owned())
+    }
+
+    /// Step 1: root CA and temporary CA over an unauthenticated connection; the root checked against `pin`.
+    pub async fn discover(&self, url: &str, pin: &[u8]) -> Result<KmsEndpoint, String> {
+        let c = client(url, Arc::new(AnyServer(provider())), None)?;
+        let r = c.get_temp_ca_cert().await.map_err(|e| format!("GetTempCaCert: {e}"))?;
+        let root_der =
+            CertificateDer::from_pem_slice(r.ca_cert.as_bytes()).map_err(|e| format!("GetTempCaCert ca_cert: {e}"))?;
+        let root_spki = parse_cert(&root_der)
+            .map_err(|e| format!("GetTempCaCert ca_cert: {e}"))?
+            .spki_der;
+        if !pin.is_empty() && pin != root_spki.as_slice() {
+            return Err(format!(
+                "KMS root CA key {} does not match app-compose key_provider_id {}",
+                hex::encode(&root_spki),
+                hex::encode(pin)
+            ));
+        }
+        Ok(KmsEndpoint {
+            url: url.to_owned(),
+            root_pem: r.ca_cert,
+            root_der,
+            root_spki,
+            tmp_ca_cert: r.temp_ca_cert,
+            tmp_ca_key: r.temp_ca_key,
+        })
+    }
+
+    /// Steps 2–3: a fresh RA-TLS client certificate and the verified mTLS client.
+    pub async fn connect(&self, ep: &KmsEndpoint) -> Result<KmsClient<Client>, String> {
+        let log = self.log()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| format!("client key: {e}"))?;
+        let rd = dstack_ra_tls::ra_tls_report_data(&key.subject_public_key_info());
+        let quote = log.tee().quote(rd).await.map_err(|e| format!("quote: {e}"))?;
+        let event_log = log.full_event_log().await.map_err(|e| format!("event log: {e}"))?;
+        let req = CertRequest {
+            subject: "dstack-guest".into(),
+            usage_client_auth: true,
+            attestation: Some(CertAttestation { quote, event_log }),
+            ..Default::default()
+        };
+        let chain = if ep.tmp_ca_cert.is_empty() || ep.tmp_ca_key.is_empty() {
+            vec![req.self_signed(&key).map_err(|e| e.to_string())?.der().clone()]
+        } else {
+            let ca = CaCert::from_pem(&ep.tmp_ca_cert, &ep.tmp_ca_key).map_err(|e| format!("temp CA: {e}"))?;
+            let leaf = ca.issue(&req, &key).map_err(|e| format!("client certificate: {e}"))?;
+            vec![leaf.der().clone(), ca.cert_der().clone()]
+        };
+        let verifier = KmsServerVerifier::new(ep.root_der.clone(), self.kms_attestation.clone())?;
+        client(&ep.url, verifier, Some((chain, &key)))
+    }
+
+    /// Steps 1–4 against one KMS.
+    pub async fn get_app_key(&self, url: &str, vm_config: &str, pin: &[u8]) -> Result<KmsKeys, String> {
+        let ep = self.discover(url, pin).await?;
+        let c = self.connect(&ep).await?;
+        let r = c
+            .get_app_key(GetAppKeyRequest {
+                api_version: 1,
+                vm_config: vm_config.to_owned(),
+            })
+            .await
+            .map_err(|e| format!("GetAppKey: {e}"))?;
+        if r.ca_cert.trim() != ep.root_pem.trim() {
+            return Err("GetAppKey returned a different root CA than GetTempCaCert".into());
+        }
+        Ok(KmsKeys {
+            keys: AppKeys {
+                disk_crypt_key: r.disk_crypt_key,
+                env_crypt_key: r.env_crypt_key,
+                k256_key: r.k256_key,
+                k256_signature: r.k256_signature,
+                gateway_app_id: r.gateway_app_id,
+                ca_cert: r.ca_cert,
+                key_provider: KeyProvider::Kms {
+                    url: url.to_owned(),
+                    pubkey: ep.root_spki,
+                    tmp_ca_key: ep.tmp_ca_key,
+                    tmp_ca_cert: ep.tmp_ca_cert,
+                },
+            },
+            os_image_hash: r.os_image_hash,
+        })
+    }
+}
+
+/// [`KeySource`] over [`KmsConnector`]; blocking calls run on `rt`.
+#[derive(Debug)]
+pub struct KmsKeySource {
+    pub connector: KmsConnector,
+    pub rt: Handle,
+}
+
+impl KeySource for KmsKeySource {
+    fn get_app_keys(&self, kms_urls: &[String], vm_config: &str, pin: &[u8]) -> Result<KmsKeys, KeyError> {
+        let mut failures = Vec::new();
+        for url in kms_urls {
+            tracing::info!("requesting app keys from KMS {url}");
+            match self.rt.block_on(self.connector.get_app_key(url, vm_config, pin)) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    tracing::warn!("KMS {url}: {e}");
+                    failures.push(format!("{url}: {e}"));
+                }
+            }
+        }
+        Err(KeyError::Provider {
+            provider: "kms",
+            reason: format!("no KMS released keys: {}", failures.join("; ")),
+        })
+    }
+}
+
+/// The agent's certificate signer for KMS apps: KMS `SignCert` with the JSON CSR (api_version 1).
+#[derive(Debug)]
+pub struct KmsCertSigner {
+    pub connector: KmsConnector,
+    pub endpoint: KmsEndpoint,
+    pub vm_config: String,
+}
+
+impl KmsCertSigner {
+    /// The signer for keys that came from the KMS at `keys.key_provider.url`.
+    pub fn new(connector: KmsConnector, keys: &AppKeys, vm_config: &str) -> Result<Self, String> {
+        let KeyProvider::Kms {
+            url,
+            pubkey,
+            tmp_ca_key,
+            tmp_ca_cert,
+        } = &keys.key_provider
+        else {
+            return Err("keys did not come from a KMS".into());
+        };
+        let root_der = CertificateDer::from_pem_slice(keys.ca_cert.as_bytes()).map_err(|e| format!("ca_cert: {e}"))?;
+        Ok(Self {
+            connector,
+            endpoint: KmsEndpoint {
+                url: url.clone(),
+                root_pem: keys.ca_cert.clone(),
+                root_der,
+                root_spki: pubkey.clone(),
+                tmp_ca_cert: tmp_ca_cert.clone(),
+                tmp_ca_key: tmp_ca_key.clone(),
+            },
+            vm_config: vm_config.to_owned(),
+        })
+    }
+
+    async fn sign_inner(&self, req: &CertRequest, key: &KeyPair) -> Result<Vec<String>, String> {
+        use rcgen::SigningKey;
+        if req.attestation.is_some() {
+            return Err("KMS SignCert cannot embed an attestation (usage_ra_tls) in this version".into());
+        }
+        let csr = serde_json::json!({
+            "confirm": CSR_CONFIRM,
+            "pubkey": hex::encode(key.subject_public_key_info()),
+            "config": {
+                "org_name": req.org_name,
+                "subject": req.subject,
+                "subject_alt_names": req.alt_names,
+                "usage_server_auth": req.usage_server_auth,
+                "usage_client_auth": req.usage_client_auth,
+                "ext_quote": false,
+            },
+        })
+        .to_string();
+        let signature = key.sign(csr.as_bytes()).map_err(|e| format!("signing the CSR: {e}"))?;
+        let c = self.connector.connect(&self.endpoint).await?;
+        let r = c
+            .sign_cert(SignCertRequest {
+                api_version: 1,
+                csr: csr.into_bytes(),
+                signature,
+                vm_config: self.vm_config.clone(),
+            })
+            .await
+            .map_err(|e| format!("SignCert at {}: {e}", self.endpoint.url))?;
+        Ok(r.certificate_chain)
+    }
+}
+
+impl CertSigner for KmsCertSigner {
+    fn sign<'a>(&'a self, req: &'a CertRequest, key: &'a KeyPair) -> SignFuture<'a> {
+        Box::pin(async move { self.sign_inner(req, key).await.map_err(AgentError::Cert) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prpc_suffix_added_once() {
+        assert_eq!(prpc_url("https://10.0.2.2:8000"), "https://10.0.2.2:8000/prpc");
+        assert_eq!(prpc_url("https://10.0.2.2:8000/prpc/"), "https://10.0.2.2:8000/prpc");
+    }
+}
