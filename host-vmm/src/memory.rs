@@ -4,10 +4,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::hypervisor::{HypervisorError, Vm};
 
-/// Start of the 32-bit MMIO hole (PCI MMIO, IOAPIC, LAPIC); RAM beyond this continues at 4 GiB.
-pub const MMIO_HOLE_START: u64 = 0xC000_0000;
-/// End of the 32-bit MMIO hole.
-pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// The 32-bit MMIO hole (PCI MMIO, IOAPIC, LAPIC); RAM beyond its start continues at 4 GiB.
+pub use dstack_acpi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

@@ -9,11 +9,15 @@
 //! | `metadata.json` | dstack's `ImageInfo` fields (`bios`, `kernel`, `cmdline`, `initrd`, `rootfs`, `rootfs_hash`, `version`, `is_dev`) plus our `build` record |
 //! | `sha256sum.txt` | `sha256sum` lines for `ovmf.fd bzImage initramfs.cpio.gz metadata.json`, in that order (dstack's list; the rootfs is committed through the root hash on the cmdline inside `metadata.json`) |
 //! | `digest.txt`, `os_image_hash` | `sha256(sha256sum.txt)` in lowercase hex + newline: dstack's `os_image_hash` definition |
+//! | `measurements.json` | MRTD and RTMR0-2 of a TD booting this image with OVMF direct boot under our VMM, for [`STANDARD_SHAPES`] (1 vCPU / 2 GiB, 2 vCPUs / 4 GiB); written last, not part of `os_image_hash` (it is derived from the hashed files) |
+//! | `boot-eventlog-<vcpus>vcpu-<memory_mb>mb.json` | the predicted boot event log (JSON array of `TdxEvent`) per standard shape, listed in `metadata.json`'s `measurements` record |
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use dstack_measurements::predict::image::{MEASUREMENTS_FILE, STANDARD_SHAPES, event_log_file, write_measurements};
 
 use crate::boot::{self, BOOT_MODULES, BootError, DOCKER_MODULES};
 use crate::fetch::{DebCache, FetchError, sha256_file, unpack_all};
@@ -37,6 +41,8 @@ pub enum ImageError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("predicting measurements: {0}")]
+    Measurements(#[from] dstack_measurements::predict::image::ImageError),
 }
 
 type Result<T> = std::result::Result<T, ImageError>;
@@ -77,6 +83,45 @@ pub struct Metadata {
     pub version: String,
     pub is_dev: bool,
     pub build: BuildRecord,
+    /// Where the published measurements are (absent in images built before they existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurements: Option<MeasurementsRecord>,
+}
+
+/// What a VMM needs to boot this image as a TD (or as a simulated one) and start its measurement registers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeasurementsRecord {
+    /// The boot path the measurements are for: `tdx-ovmf-direct` (OVMF from `bios`, kernel/initrd/cmdline and
+    /// ACPI tables through fw_cfg, TDVF sections added single-pass; `dstack_measurements::predict`).
+    pub boot: String,
+    /// `measurements.json`.
+    pub file: String,
+    /// The predicted boot event log per published shape; other shapes are predicted on demand with the same code.
+    pub event_logs: Vec<ShapeEventLog>,
+}
+
+/// One shape's predicted boot event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShapeEventLog {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub file: String,
+}
+
+/// The record for [`STANDARD_SHAPES`].
+pub fn measurements_record() -> MeasurementsRecord {
+    MeasurementsRecord {
+        boot: "tdx-ovmf-direct".into(),
+        file: MEASUREMENTS_FILE.into(),
+        event_logs: STANDARD_SHAPES
+            .iter()
+            .map(|s| ShapeEventLog {
+                vcpus: s.vcpus,
+                memory_mb: s.memory_bytes >> 20,
+                file: event_log_file(s),
+            })
+            .collect(),
+    }
 }
 
 /// How the image was built (enough to rebuild it).
@@ -193,6 +238,7 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
             initramfs_modules: initramfs.modules,
             rootfs_data_size: rootfs.as_ref().map(|r| r.data_size),
         },
+        measurements: Some(measurements_record()),
     };
     let mut json = serde_json::to_string_pretty(&metadata).map_err(|e| ImageError::Invalid(e.to_string()))?;
     json.push('\n');
@@ -204,6 +250,9 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
     for f in ["digest.txt", "os_image_hash"] {
         std::fs::write(out.join(f), format!("{os_image_hash}\n")).map_err(io(format!("writing {f}")))?;
     }
+    // Last: the predictor reads the finished directory (and checks sha256sum.txt) like a verifier would.
+    let image = format!("dstack-rs-{}", env!("CARGO_PKG_VERSION"));
+    write_measurements(out, Some(image), &STANDARD_SHAPES)?;
     Ok(os_image_hash)
 }
 

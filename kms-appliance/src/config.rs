@@ -19,10 +19,13 @@
 //! collateral_file = ""          # dcap-qvl QuoteCollateralV3 JSON for real quotes (offline verification)
 //!
 //! [core.auth_api]
-//! type = "dev"                  # "dev" (allow everything, loudly) | "webhook"
+//! type = "dev"                  # "dev" (allow everything, loudly) | "webhook" | "onchain"
 //! dev.gateway_app_id = ""
 //! webhook.url = "http://127.0.0.1:3000"
 //! webhook.timeout_ms = 5000
+//! onchain.rpc_url = "http://127.0.0.1:8545"   # Ethereum JSON-RPC (http://), asked with eth_call
+//! onchain.kms_contract = ""                   # address of our KmsRegistry contract (contracts/KmsRegistry.sol)
+//! onchain.timeout_ms = 5000
 //!
 //! [core.onboard]
 //! enabled = true                # serve Onboard.Bootstrap while no keys exist
@@ -137,6 +140,7 @@ pub struct AuthApiConfig {
     pub kind: AuthApiKind,
     pub dev: DevAuthConfig,
     pub webhook: WebhookConfig,
+    pub onchain: OnchainConfig,
 }
 
 impl Default for AuthApiConfig {
@@ -145,6 +149,7 @@ impl Default for AuthApiConfig {
             kind: AuthApiKind::Dev,
             dev: DevAuthConfig::default(),
             webhook: WebhookConfig::default(),
+            onchain: OnchainConfig::default(),
         }
     }
 }
@@ -155,6 +160,7 @@ impl Default for AuthApiConfig {
 pub enum AuthApiKind {
     Dev,
     Webhook,
+    Onchain,
 }
 
 /// `[core.auth_api.dev]`.
@@ -177,6 +183,27 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:3000".into(),
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[core.auth_api.onchain]`: our `KmsRegistry` contract.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnchainConfig {
+    /// Ethereum JSON-RPC endpoint, `http://` only.
+    pub rpc_url: String,
+    /// The `KmsRegistry` address (`0x` + 40 hex).
+    pub kms_contract: String,
+    pub timeout_ms: u64,
+}
+
+impl Default for OnchainConfig {
+    fn default() -> Self {
+        Self {
+            rpc_url: "http://127.0.0.1:8545".into(),
+            kms_contract: String::new(),
             timeout_ms: 5000,
         }
     }
@@ -245,5 +272,13 @@ mod tests {
         let err = KmsConfig::from_toml("[core]\ncert_dri = \"/x\"\n").unwrap_err();
         assert!(err.to_string().contains("cert_dri"), "{err}");
         assert!(KmsConfig::from_toml("[core.auth_api]\ntype = \"chain\"\n").is_err());
+        let c = KmsConfig::from_toml(
+            "[core.auth_api]\ntype = \"onchain\"\nonchain.rpc_url = \"http://eth:8545\"\n\
+             onchain.kms_contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.core.auth_api.kind, AuthApiKind::Onchain);
+        assert_eq!(c.core.auth_api.onchain.rpc_url, "http://eth:8545");
+        assert_eq!(c.core.auth_api.onchain.timeout_ms, 5000);
     }
 }

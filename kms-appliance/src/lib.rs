@@ -4,18 +4,23 @@
 //! * [`store`]: key files in `cert_dir` with dstack's names, written atomically with mode 0600.
 //! * [`bootstrap`]: first start — root CA (P-256), root k256 key, temp CA and RPC certificate, attested by the
 //!   KMS's own TEE; the `Onboard` service (`Bootstrap`, `Finish`).
-//! * [`policy`]: `BootInfo` (dstack's JSON) and the authorization APIs: `dev` and `webhook`.
+//! * [`policy`]: `BootInfo` (dstack's JSON) and the authorization APIs: `dev`, `webhook` and `onchain`.
+//! * [`onchain`]: our `KmsRegistry` / `AppAuth` contracts (`contracts/`), asked with `eth_call`; admin
+//!   operations. [`chain`]: the minimal JSON-RPC client and transaction signing underneath.
 //! * [`service`]: the `KMS` service — `GetAppKey`, `GetAppEnvEncryptPubKey`, `GetMeta`, `GetTempCaCert`,
 //!   `SignCert`, `GetKmsKey`.
 //! * [`tls`]: the RA-TLS server configuration (client certificates optional at the TLS layer; methods that
 //!   need an attested caller check it themselves).
 //! * [`server`]: wiring it together (what the `dstack-kms` binary runs).
 //!
-//! Not implemented yet: on-chain policy, replication (`Onboard.Onboard`, the caller side of `GetKmsKey`),
+//! Not implemented yet: replication (`Onboard.Onboard`, the caller side of `GetKmsKey`),
 //! certificate revocation, OS image verification (`Admin.ClearImageCache` answers with an error).
 
+pub mod admin;
 pub mod bootstrap;
+pub mod chain;
 pub mod config;
+pub mod onchain;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -1,4 +1,5 @@
-//! `dstack-kms`: the KMS appliance. `dstack-kms --config kms.toml` (see `dstack_kms::config` for the fields).
+//! `dstack-kms`: the KMS appliance. `dstack-kms --config kms.toml` (see `dstack_kms::config` for the fields);
+//! `dstack-kms admin …` manages the on-chain policy contracts (see `dstack_kms::admin`).
 
 use std::path::PathBuf;
 
@@ -12,6 +13,14 @@ struct Args {
     /// Configuration file (kms.toml). Without it the documented defaults apply.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Deploy and edit the on-chain policy contracts (KmsRegistry, AppAuth).
+    Admin(dstack_kms::admin::AdminArgs),
 }
 
 #[tokio::main]
@@ -20,6 +29,11 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Admin(admin)) = &args.command {
+        let out = dstack_kms::admin::run(admin).await.context("admin command failed")?;
+        println!("{out}");
+        return Ok(());
+    }
     let config = match &args.config {
         Some(path) => KmsConfig::load(path)?,
         None => KmsConfig::default(),

@@ -1,4 +1,5 @@
-//! Authorization: `BootInfo` (dstack's `PolicyBootInfo` JSON) and the `dev` / `webhook` policies.
+//! Authorization: `BootInfo` (dstack's `PolicyBootInfo` JSON) and the `dev` / `webhook` / `onchain` policies
+//! (`onchain`: see [`crate::onchain`]).
 //!
 //! `BootInfo` is camelCase JSON with byte fields as lowercase hex (dstack's `serde_human_bytes`):
 //! `teeVariant, mrAggregated, osImageHash, mrSystem, appId, composeHash, instanceId, deviceId,
@@ -17,6 +18,7 @@ use dstack_ra_tls::AttestedIdentity;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthApiConfig, AuthApiKind};
+use crate::onchain::OnchainPolicy;
 
 /// Why a policy could not be asked (every one of these denies).
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum PolicyError {
     Status { status: u16, body: String },
     #[error("webhook answer is not a BootResponse: {0}")]
     Answer(String),
+    #[error("on-chain policy: {0}")]
+    Chain(#[from] crate::chain::ChainError),
 }
 
 mod hexstr {
@@ -108,6 +112,8 @@ pub enum AuthApi {
         base_path: String,
         url: String,
     },
+    /// Asks our `KmsRegistry` contract with `eth_call`.
+    Onchain(std::sync::Arc<OnchainPolicy>),
 }
 
 impl AuthApi {
@@ -117,6 +123,11 @@ impl AuthApi {
                 gateway_app_id: cfg.dev.gateway_app_id.clone(),
             }),
             AuthApiKind::Webhook => Self::webhook(&cfg.webhook.url, Duration::from_millis(cfg.webhook.timeout_ms)),
+            AuthApiKind::Onchain => Ok(Self::Onchain(std::sync::Arc::new(OnchainPolicy::new(
+                &cfg.onchain.rpc_url,
+                &cfg.onchain.kms_contract,
+                Duration::from_millis(cfg.onchain.timeout_ms),
+            )?))),
         }
     }
 
@@ -149,7 +160,15 @@ impl AuthApi {
     pub fn static_gateway_app_id(&self) -> Option<&str> {
         match self {
             Self::Dev { gateway_app_id } => Some(gateway_app_id),
-            Self::Webhook { .. } => None,
+            Self::Webhook { .. } | Self::Onchain(_) => None,
+        }
+    }
+
+    /// For `GetMeta` with the on-chain policy: the registry address and the chain id (`None` when unreachable).
+    pub async fn chain_meta(&self) -> (Option<String>, Option<u64>) {
+        match self {
+            Self::Onchain(p) => (Some(p.kms_contract().to_string()), p.chain_id().await.ok()),
+            Self::Dev { .. } | Self::Webhook { .. } => (None, None),
         }
     }
 
@@ -177,6 +196,7 @@ impl AuthApi {
                 }
                 serde_json::from_slice(&resp.body).map_err(|e| PolicyError::Answer(e.to_string()))
             }
+            Self::Onchain(policy) => Ok(policy.is_allowed(info, is_kms).await?),
         }
     }
 
@@ -185,6 +205,7 @@ impl AuthApi {
         match self {
             Self::Dev { .. } => "dev (allow all)".into(),
             Self::Webhook { url, .. } => format!("webhook {url}"),
+            Self::Onchain(p) => format!("onchain {} at {}", p.kms_contract(), p.rpc_url()),
         }
     }
 }

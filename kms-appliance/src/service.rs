@@ -321,6 +321,7 @@ impl KmsRpc for KmsService {
 
     async fn get_meta(&self, _ctx: &CallContext, _req: Empty) -> Result<GetMetaResponse, RpcError> {
         let s = &self.0;
+        let (kms_contract_address, chain_id) = s.auth.chain_meta().await;
         Ok(GetMetaResponse {
             ca_cert: s.keys.root_ca.cert_pem().to_owned(),
             allow_any_upgrade: false,
@@ -328,8 +329,8 @@ impl KmsRpc for KmsService {
             bootstrap_info: Some(s.keys.bootstrap_info.clone()),
             is_dev: s.auth.is_dev(),
             gateway_app_id: s.auth.static_gateway_app_id().map(str::to_owned),
-            kms_contract_address: None,
-            chain_id: None,
+            kms_contract_address,
+            chain_id,
             app_auth_implementation: None,
         })
     }

@@ -128,4 +128,4 @@ pub fn authenticode_sha384(img: &[u8]) -> Result<[u8; 48], PeError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

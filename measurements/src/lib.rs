@@ -7,6 +7,7 @@ pub mod authenticode;
 pub mod eventlog;
 pub mod hexser;
 pub mod mrtd;
+pub mod predict;
 pub mod published;
 pub mod quote;
 pub mod rtmr;

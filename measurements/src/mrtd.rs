@@ -333,4 +333,4 @@ pub fn compute_mrtd(fw: &[u8], order: PageOrder) -> Result<[u8; 48], MrtdError> 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,5 +1,5 @@
-//! RTMR1 / RTMR2 prediction for OVMF direct kernel boot (the parts that do not depend on the
-//! VMM's ACPI tables or TD HOB; RTMR0 needs those and lands with host-vmm).
+//! RTMR1 / RTMR2 digests for OVMF direct kernel boot (the parts that do not depend on the VMM's ACPI
+//! tables or TD HOB; the whole boot, RTMR0 included, is predicted in [`crate::predict`]).
 //!
 //! RTMR1 = replay[Authenticode-SHA384(kernel), SHA384("Calling EFI Application from Boot
 //! Option"), SHA384(00000000), SHA384("Exit Boot Services Invocation"), SHA384("Exit Boot

@@ -158,7 +158,9 @@ fn mrtd_and_image_and_diff() {
     let o = run(&["mrtd", data("tdx_quote").to_str().unwrap()]);
     assert_input_error(&o, "TDVF");
     let o = run(&["image", "/nonexistent", "--vcpus", "1", "--memory", "2G"]);
-    assert_input_error(&o, "not available yet");
+    assert_input_error(&o, "/nonexistent/metadata.json");
+    let o = run(&["image", "/nonexistent", "--vcpus", "1", "--memory", "2Q"]);
+    assert_input_error(&o, "--memory");
 
     // measurements.json built from the fixture quote's own registers: diff passes; a
     // changed RTMR1 fails with exit 1.
@@ -187,4 +189,70 @@ fn mrtd_and_image_and_diff() {
         &run(&["diff", mp.to_str().unwrap(), att.to_str().unwrap()]),
         "measurements.json",
     );
+}
+
+/// `dstack-measure image` on an image directory equals the `measurements.json` the library writes for it.
+/// Inputs: `DSTACK_TEST_OVMF` (trixie's `OVMF.fd`, see tests/ovmf.rs) and `DSTACK_TEST_KERNEL` (a Debian
+/// `vmlinuz`); skipped loudly when unset (failure under `DSTACK_REQUIRE_FIXTURES=1`).
+#[test]
+fn image_matches_written_measurements() {
+    use dstack_measurements::predict::image::{STANDARD_SHAPES, event_log_file, write_measurements};
+    let (Ok(ovmf), Ok(kernel)) = (std::env::var("DSTACK_TEST_OVMF"), std::env::var("DSTACK_TEST_KERNEL")) else {
+        assert_ne!(
+            std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
+            Ok("1"),
+            "DSTACK_TEST_OVMF / DSTACK_TEST_KERNEL unset"
+        );
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP image_matches_written_measurements: set DSTACK_TEST_OVMF and DSTACK_TEST_KERNEL"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(ovmf, d.join("ovmf.fd")).unwrap();
+    std::fs::copy(kernel, d.join("bzImage")).unwrap();
+    std::fs::write(d.join("initramfs.cpio.gz"), vec![0x5a; 100_000]).unwrap();
+    std::fs::write(
+        d.join("metadata.json"),
+        br#"{"bios":"ovmf.fd","kernel":"bzImage","initrd":"initramfs.cpio.gz","cmdline":"console=ttyS0"}"#,
+    )
+    .unwrap();
+    // The manifest in GNU sha256sum's format, written by coreutils itself.
+    let sums = Command::new("sha256sum")
+        .args(["ovmf.fd", "bzImage", "initramfs.cpio.gz", "metadata.json"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    std::fs::write(d.join("sha256sum.txt"), &sums.stdout).unwrap();
+    let m = write_measurements(d, None, &STANDARD_SHAPES).unwrap();
+    for (s, shape) in m.shapes.iter().zip(&STANDARD_SHAPES) {
+        assert!(d.join(event_log_file(shape)).is_file());
+        let o = run(&[
+            "image",
+            d.to_str().unwrap(),
+            "--vcpus",
+            &s.vcpus.to_string(),
+            "--memory",
+            &format!("{}MiB", s.memory_mb),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j = json(&o);
+        for (k, v) in [
+            ("mrtd", &s.mrtd),
+            ("rtmr0", &s.rtmr0),
+            ("rtmr1", &s.rtmr1),
+            ("rtmr2", &s.rtmr2),
+        ] {
+            assert_eq!(j[k].as_str(), Some(v.as_str()), "{k}");
+        }
+        assert_eq!(j["os_image_hash"].as_str(), Some(m.os_image_hash.as_str()));
+    }
+    // A file that no longer matches sha256sum.txt is rejected.
+    std::fs::write(d.join("initramfs.cpio.gz"), b"tampered").unwrap();
+    let o = run(&["image", d.to_str().unwrap(), "--vcpus", "1", "--memory", "2G"]);
+    assert_input_error(&o, "sha256sum.txt");
 }

@@ -43,6 +43,11 @@ const NPM_PACKAGES: &[&str] = &[
     "@noble/hashes@^1.6.1",
 ];
 
+/// The Solidity compiler (solc-js) the KMS contracts' committed artifacts were built with.
+const SOLC_JS: &str = "solc@0.8.28";
+/// Foundry's anvil, shipped as an npm package: a real local Ethereum node for the on-chain policy tests.
+const ANVIL: &str = "@foundry-rs/anvil-linux-amd64@1.7.1";
+
 /// rust-vmm's userspace vhost-user vsock backend, used by the `tcg` VM backend.
 const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 
@@ -77,8 +82,20 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
     let python = ensure_python_venv(PYTHON_PACKAGES)?;
     env.push(("DSTACK_TEST_PYTHON".into(), python.display().to_string()));
 
-    let node_modules = ensure_npm_packages(NPM_PACKAGES)?;
+    let node_modules = ensure_npm_packages("npm", NPM_PACKAGES)?;
     env.push(("DSTACK_TEST_NODE_MODULES".into(), node_modules.display().to_string()));
+
+    // KMS on-chain policy: solc-js recompiles the committed contract artifacts; anvil is a real local chain.
+    let solc = ensure_npm_packages("npm-solc", &[SOLC_JS])?;
+    env.push(("DSTACK_TEST_SOLC_JS".into(), solc.join("solc").display().to_string()));
+    let anvil = ensure_npm_packages("npm-anvil", &[ANVIL])?;
+    env.push((
+        "DSTACK_TEST_ANVIL".into(),
+        anvil
+            .join("@foundry-rs/anvil-linux-amd64/bin/anvil")
+            .display()
+            .to_string(),
+    ));
 
     // Fixture-dependent tests skip loudly when run by hand without fixtures; under xtask they must not skip.
     env.push(("DSTACK_REQUIRE_FIXTURES".into(), "1".into()));
@@ -206,11 +223,11 @@ fn ensure_python_venv(packages: &[&str]) -> Result<PathBuf> {
 }
 
 /// A node_modules directory in the cache with `packages` installed; installs Node.js from Debian if missing.
-fn ensure_npm_packages(packages: &[&str]) -> Result<PathBuf> {
+fn ensure_npm_packages(cache_name: &str, packages: &[&str]) -> Result<PathBuf> {
     if !proc::succeeds(Command::new("npm").arg("--version")) {
         ensure_apt_packages(&["nodejs", "npm"])?;
     }
-    let dir = cache::subdir("npm")?;
+    let dir = cache::subdir(cache_name)?;
     let stamp = dir.join(".dstack-packages");
     let wanted = packages.join("\n");
     let modules = dir.join("node_modules");

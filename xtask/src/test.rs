@@ -112,6 +112,22 @@ pub fn run(opts: &TestOptions) -> Result<i32> {
         tally.check("cargo clippy -D warnings", clippy.success());
     }
 
+    // Tests that drive the verifier CLI as a separate program (image-build's measurements check) need it built.
+    let measure_bin = target_dir.join("debug/dstack-measure");
+    let built = cargo(&root, &target_dir)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "dstack-measurements",
+            "--bin",
+            "dstack-measure",
+        ])
+        .status()?;
+    tally.check("build dstack-measure", built.success());
+    let mut env = env;
+    env.push(("DSTACK_MEASURE_BIN".into(), measure_bin.display().to_string()));
+
     eprintln!("xtask: cargo test");
     let mut child = cargo(&root, &target_dir)
         .args(["test", "--workspace", "--locked", "--no-fail-fast"])

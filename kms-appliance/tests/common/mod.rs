@@ -3,6 +3,8 @@
 //! tiny webhook server.
 #![allow(dead_code)]
 
+pub mod anvil;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -44,7 +44,7 @@ fn base_fw() -> Vec<u8> {
 }
 
 /// OVMF footer table: [other entry][TDX entry][u16 len][footer GUID][32-byte reset area].
-fn fw_with_guid_table() -> Vec<u8> {
+pub(crate) fn fw_with_guid_table() -> Vec<u8> {
     let mut fw = base_fw();
     let mut table = Vec::new();
     table.extend_from_slice(&[0xaa; 8]); // an unrelated entry with 8 data bytes

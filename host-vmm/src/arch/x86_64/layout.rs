@@ -25,5 +25,4 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// The three pages KVM (VMX) needs for real-mode TSS emulation; inside the MMIO hole, never RAM.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// IOAPIC and LAPIC MMIO bases (architectural defaults).
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+pub use dstack_acpi::layout::{IOAPIC_ADDR, LAPIC_ADDR};

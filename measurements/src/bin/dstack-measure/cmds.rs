@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use dstack_measurements::eventlog::{self, derive_identity};
 use dstack_measurements::mrtd::{PageOrder, compute_mrtd};
+use dstack_measurements::predict::VmShape;
+use dstack_measurements::predict::image::ImageFiles;
 use dstack_measurements::published::{AttestationExtras, MeasurementsJson, diff as diff_measurements};
 use dstack_measurements::quote::QuoteJson;
 use dstack_measurements::sim::SimRootPin;
@@ -186,6 +188,53 @@ pub fn mrtd(path: &Path, two_pass: bool, json: bool) -> CliResult {
         print_json(&json!({ "mrtd": hex::encode(m) }))
     } else {
         outln!("{}", hex::encode(m));
+        Ok(())
+    }
+}
+
+/// `2G`, `2048M`, `2GiB`, `512MB`, `1073741824` → bytes (binary multiples).
+pub fn parse_memory(arg: &str) -> Result<u64, CliError> {
+    let t = arg.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(CliError::Input(format!("--memory {arg:?}: unknown unit {unit:?}"))),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| CliError::Input(format!("--memory {arg:?}: not a size")))
+}
+
+pub fn image(dir: &Path, vcpus: u32, memory: &str, json: bool) -> CliResult {
+    let shape = VmShape {
+        vcpus,
+        memory_bytes: parse_memory(memory)?,
+    };
+    let files = ImageFiles::load(dir).map_err(CliError::input)?;
+    let p = files
+        .predict(&shape)
+        .map_err(|e| CliError::Input(format!("{}: {e}", dir.display())))?;
+    let rows = [
+        ("mrtd", hex::encode(p.mrtd)),
+        ("rtmr0", hex::encode(p.rtmr[0])),
+        ("rtmr1", hex::encode(p.rtmr[1])),
+        ("rtmr2", hex::encode(p.rtmr[2])),
+        ("os_image_hash", files.os_image_hash.clone()),
+    ];
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> =
+            rows.into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+        print_json(&map)
+    } else {
+        for (k, v) in rows {
+            outln!("{k:<14} {v}");
+        }
         Ok(())
     }
 }

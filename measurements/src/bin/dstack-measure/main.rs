@@ -83,11 +83,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Predict MRTD/RTMR0-2 for an image directory and VM shape.
+    /// Predict MRTD/RTMR0-2 for an image directory and VM shape (OVMF direct boot by our VMM).
     Image {
         dir: PathBuf,
         #[arg(long)]
         vcpus: u32,
+        /// Memory size: bytes, or with a K/M/G/T suffix (binary; `2G`, `2048M`, `2GiB`).
         #[arg(long)]
         memory: String,
         #[arg(long)]
@@ -136,9 +137,12 @@ fn main() -> ExitCode {
             two_pass,
             json,
         } => cmds::mrtd(&firmware, two_pass, json),
-        Cmd::Image { .. } => Err(CliError::Input(
-            "image: not available yet: needs host-vmm ACPI/HOB generation".into(),
-        )),
+        Cmd::Image {
+            dir,
+            vcpus,
+            memory,
+            json,
+        } => cmds::image(&dir, vcpus, &memory, json),
         Cmd::Diff {
             measurements,
             attestation,

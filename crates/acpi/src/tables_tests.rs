@@ -1,7 +1,7 @@
 //! Walks the generated tables the way an OS does (ACPI 6.5 §5.2 offsets) and checks every link and checksum.
 
 use super::*;
-use crate::pci::PciLayout;
+use crate::layout::PciLayout;
 
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
