@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, Weak};
 
+use dstack_measurements::predict::VmShape;
+use dstack_measurements::predict::image::ImageFiles;
 use dstack_rpc::host_api::{
     GetSealingKeyRequest, GetSealingKeyResponse, HostApiRpc, HostApiServer, HostInfo, Notification,
 };
@@ -59,8 +61,36 @@ fn measurement(image: &str, field: &str, v: Option<&String>) -> Option<Vec<u8>> 
     }
 }
 
-/// The simulated TDX module's starting registers for this VM.
-pub fn initial_state(image: Option<&Image>, vm_id: &str) -> InitialState {
+/// The simulated TDX module's starting registers for this VM: what a TD booting this image with this shape
+/// would have, predicted by `dstack_measurements::predict` from the image's firmware, kernel, initrd and
+/// cmdline (with the boot event log that produces them). Images without those inputs fall back to the
+/// registers written in `metadata.json`, else zeros, loudly.
+pub fn initial_state(image: Option<&Image>, vm_id: &str, vcpus: u32, memory_mb: u32) -> InitialState {
+    if let Some(image) = image {
+        let shape = VmShape {
+            vcpus,
+            memory_bytes: u64::from(memory_mb) << 20,
+        };
+        match ImageFiles::load(&image.dir).and_then(|files| Ok(files.predict(&shape)?)) {
+            Ok(prediction) => {
+                info!(
+                    "VM {vm_id}: simulated TDX module starts from the predicted measurements of image {} \
+                     ({vcpus} vCPU, {memory_mb} MiB): MRTD {}",
+                    image.name,
+                    hex::encode(prediction.mrtd)
+                );
+                return InitialState {
+                    mrtd: prediction.mrtd.to_vec(),
+                    rtmr0: Some(prediction.rtmr[0].to_vec()),
+                    rtmr1: Some(prediction.rtmr[1].to_vec()),
+                    rtmr2: Some(prediction.rtmr[2].to_vec()),
+                    boot_event_log: prediction.events,
+                    ..Default::default()
+                };
+            }
+            Err(e) => warn!("VM {vm_id}: cannot predict measurements of image {}: {e}", image.name),
+        }
+    }
     let md = image.map(|i| (&i.name, &i.metadata));
     let get = |field: &str, pick: fn(&super::backend::ImageMetadata) -> Option<&String>| {
         md.and_then(|(name, m)| measurement(name, field, pick(m)))
@@ -69,7 +99,7 @@ pub fn initial_state(image: Option<&Image>, vm_id: &str) -> InitialState {
     if mrtd.is_none() {
         warn!(
             "VM {vm_id}: the image carries no predicted measurements; the simulated TDX module starts with \
-             MRTD and RTMR0-2 all zero (measurements are not predicted yet)"
+             MRTD and RTMR0-2 all zero"
         );
     }
     InitialState {
@@ -109,7 +139,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
     });
 
     let image = Image::load(&cfg.image.path, &ctx.image).ok();
-    let init = initial_state(image.as_ref(), &ctx.id);
+    let init = initial_state(image.as_ref(), &ctx.id, ctx.vcpu, ctx.memory_mb);
     let sim = SimTdx::open(&init, &ctx.wd.sim_tdx_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
     let path = ctx.wd.vsock_port_path(cfg.sim_tdx.port);
     let listener =
@@ -257,4 +287,77 @@ pub fn write_sys_config(
     };
     let json = serde_json::to_vec_pretty(&sys).map_err(|e| ManagerError::Other(e.to_string()))?;
     Ok(wd.write_shared(sf::SYS_CONFIG, &json)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs Debian's OVMF and a kernel (`DSTACK_TEST_OVMF`, `DSTACK_TEST_KERNEL`, set by `cargo xtask test`).
+    fn fixtures() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        let get = |v: &str| std::env::var_os(v).map(std::path::PathBuf::from).filter(|p| p.exists());
+        match (get("DSTACK_TEST_OVMF"), get("DSTACK_TEST_KERNEL")) {
+            (Some(ovmf), Some(kernel)) => Some((ovmf, kernel)),
+            _ => {
+                assert_ne!(
+                    std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
+                    Ok("1"),
+                    "DSTACK_TEST_OVMF and DSTACK_TEST_KERNEL are required"
+                );
+                eprintln!("skipped: set DSTACK_TEST_OVMF and DSTACK_TEST_KERNEL");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn simulated_module_starts_from_the_predicted_boot() {
+        let Some((ovmf, kernel)) = fixtures() else { return };
+        let images = tempfile::tempdir().unwrap();
+        let dir = images.path().join("img");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(&ovmf, dir.join("ovmf.fd")).unwrap();
+        std::fs::copy(&kernel, dir.join("bzImage")).unwrap();
+        std::fs::write(dir.join("initramfs.cpio.gz"), b"not a real initrd, only measured").unwrap();
+        std::fs::write(
+            dir.join("metadata.json"),
+            r#"{"bios":"ovmf.fd","kernel":"bzImage","initrd":"initramfs.cpio.gz","cmdline":"console=ttyS0","version":"t","is_dev":true}"#,
+        )
+        .unwrap();
+        let mut sums = String::new();
+        for f in ["ovmf.fd", "bzImage", "initramfs.cpio.gz", "metadata.json"] {
+            let digest = Sha256::digest(std::fs::read(dir.join(f)).unwrap());
+            sums.push_str(&format!("{}  {f}\n", hex::encode(digest)));
+        }
+        std::fs::write(dir.join("sha256sum.txt"), sums).unwrap();
+
+        let image = Image::load(images.path(), "img").unwrap();
+        let init = initial_state(Some(&image), "vm", 2, 4096);
+        let expected = ImageFiles::load(&dir)
+            .unwrap()
+            .predict(&VmShape {
+                vcpus: 2,
+                memory_bytes: 4096 << 20,
+            })
+            .unwrap();
+        assert_eq!(init.mrtd, expected.mrtd.to_vec());
+        assert_eq!(init.rtmr0.as_deref(), Some(&expected.rtmr[0][..]));
+        assert_eq!(init.rtmr2.as_deref(), Some(&expected.rtmr[2][..]));
+        assert!(!init.boot_event_log.is_empty());
+        // The module accepts the state only if its boot log replays to the registers.
+        let state = tempfile::tempdir().unwrap();
+        SimTdx::open(&init, state.path()).unwrap();
+
+        // Another shape gives another RTMR0 (TD HOB and ACPI depend on it), same MRTD.
+        let other = initial_state(Some(&image), "vm", 1, 2048);
+        assert_eq!(other.mrtd, init.mrtd);
+        assert_ne!(other.rtmr0, init.rtmr0);
+    }
+
+    #[test]
+    fn image_without_boot_inputs_falls_back_to_zeros() {
+        let init = initial_state(None, "vm", 1, 2048);
+        assert_eq!(init.mrtd, vec![0; 48]);
+        assert!(init.boot_event_log.is_empty());
+    }
 }
