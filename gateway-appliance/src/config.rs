@@ -52,6 +52,21 @@
 //! work_dir = "/etc/dstack-gateway/certbot"   # account credentials (0600)
 //! renew_before_expiration = "30d"
 //! renew_interval = "1h"
+//!
+//! [core.attestation]
+//! allow_simulated = false              # development only
+//! simulated_roots = []                 # pinned simulator roots (hex or pin file path)
+//! allow_debug = false
+//! allowed_apps = []                    # empty = any attested app
+//!
+//! [core.rpc]
+//! enabled = false
+//! address = "0.0.0.0:8000"             # RegisterCvm over mTLS at /prpc
+//! # cert_chain / cert_key: PEM files; self-signed for rpc_domain when absent
+//!
+//! [core.admin]
+//! enabled = true
+//! address = "127.0.0.1:8011"           # GET /health, /status (JSON), /metrics (Prometheus)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -99,6 +114,70 @@ pub struct CoreConfig {
     pub recycle: RecycleConfig,
     /// `[core.certbot]`.
     pub certbot: CertbotConfig,
+    /// `[core.attestation]`.
+    pub attestation: AttestationConfig,
+    /// `[core.rpc]`.
+    pub rpc: RpcConfig,
+    /// `[core.admin]`.
+    pub admin: AdminConfig,
+}
+
+/// `[core.admin]`: health, status and Prometheus metrics over plain HTTP (keep it on loopback).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve `/health`, `/status`, `/metrics`.
+    pub enabled: bool,
+    /// Listen address.
+    pub address: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 8011)),
+        }
+    }
+}
+
+/// `[core.attestation]`: what a registering CVM's RA-TLS certificate must prove.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// Accept simulated quotes (development only; needs `simulated_roots`).
+    pub allow_simulated: bool,
+    /// Pinned simulator roots: 64 hex digits each, or a path to a pin file.
+    pub simulated_roots: Vec<String>,
+    /// Accept TDs with the DEBUG attribute.
+    pub allow_debug: bool,
+    /// Only these app ids (hex) may register; empty = any attested app.
+    pub allowed_apps: Vec<String>,
+}
+
+/// `[core.rpc]`: the registration listener (mTLS, `/prpc`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Serve `RegisterCvm`.
+    pub enabled: bool,
+    /// Listen address.
+    pub address: std::net::SocketAddr,
+    /// Server certificate chain (PEM); a self-signed one for `rpc_domain` is made when absent.
+    pub cert_chain: Option<PathBuf>,
+    /// Server key (PEM).
+    pub cert_key: Option<PathBuf>,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: std::net::SocketAddr::from(([0, 0, 0, 0], 8000)),
+            cert_chain: None,
+            cert_key: None,
+        }
+    }
 }
 
 /// `[core.wg]`.

@@ -6,12 +6,18 @@
 //! * [`proxy`]: the TCP/TLS edge: passthrough, termination, PROXY protocol.
 //! * [`acme`]: wildcard certificates from an ACME CA with DNS-01.
 //! * [`registration`]: `RegisterCvm`, WireGuard address allocation.
+//! * [`admin`]: health, status and Prometheus metrics.
+//! * [`attest`]: RA-TLS identity of registering CVMs and the RPC TLS config.
+//! * [`wg`]: userspace WireGuard (boringtun) for the gateway and the guest.
 //! * [`config`]: the `gateway.toml` file.
 
 pub mod acme;
+pub mod admin;
+pub mod attest;
 pub mod config;
 pub mod dns;
 pub mod proxy;
 pub mod registration;
 pub mod routing;
 pub mod sni;
+pub mod wg;

@@ -1,7 +1,6 @@
-//! `dstack-gateway`: runs the SNI proxy (and the ACME certbot when enabled) from `gateway.toml`.
-//!
-//! Registration over RA-TLS is served once the RA-TLS identity provider is wired in; the
-//! library's [`dstack_gateway::registration::Registrar`] already implements the service.
+//! `dstack-gateway`: runs the SNI proxy (and the ACME certbot when enabled) from `gateway.toml`;
+//! with `[core.rpc] enabled`, also the WireGuard data plane (boringtun, tun device `core.wg.interface`)
+//! and `RegisterCvm` over RA-TLS; with `[core.admin] enabled`, health, status and metrics.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,11 +9,15 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::Parser;
 use dstack_gateway::acme::{AcmeClient, AcmeSettings, Certbot, ChallTestSrv};
+use dstack_gateway::admin::AdminState;
+use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, build_verifier, rpc_router, server_config};
 use dstack_gateway::config::GatewayConfig;
 use dstack_gateway::dns::UdpDnsClient;
 use dstack_gateway::proxy::tls::{TlsTerminator, protocol_versions};
 use dstack_gateway::proxy::{ProxyState, Stats};
+use dstack_gateway::registration::{AdmissionPolicy, Registrar};
 use dstack_gateway::routing::RoutingTable;
+use dstack_gateway::wg::{DeviceConfig, WgDevice, decode_key, public_key_b64};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -37,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let config = GatewayConfig::load(&args.config)?;
+    let mut config = GatewayConfig::load(&args.config)?;
     let proxy_cfg = config.core.proxy.clone();
     let tls = Arc::new(TlsTerminator::new(protocol_versions(&proxy_cfg.tls_versions)?));
     if args.check {
@@ -85,12 +88,25 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let table = RoutingTable::new();
+    let (registrar, wg) = if config.core.rpc.enabled {
+        let (r, w) = start_registration(&mut config, &table).await?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
     if config.core.recycle.enabled {
-        let (table, rc) = (table.clone(), config.core.recycle.clone());
+        let (table, rc, registrar) = (table.clone(), config.core.recycle.clone(), registrar.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(rc.interval).await;
-                let gone = table.recycle(SystemTime::now(), rc.timeout);
+                // With a data plane, handshakes refresh liveness and removed peers leave it.
+                let gone = match &registrar {
+                    Some(r) => r.recycle(SystemTime::now()).unwrap_or_else(|e| {
+                        warn!("recycle: {e}");
+                        Vec::new()
+                    }),
+                    None => table.recycle(SystemTime::now(), rc.timeout),
+                };
                 if !gone.is_empty() {
                     info!(count = gone.len(), "recycled stale instances");
                 }
@@ -110,9 +126,91 @@ async fn main() -> anyhow::Result<()> {
         tls,
         stats: Stats::default(),
     });
+    if config.core.admin.enabled {
+        let addr = config.core.admin.address;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding admin {addr}"))?;
+        info!(%addr, "admin listening (/health, /status, /metrics)");
+        tokio::spawn(dstack_gateway::admin::serve(
+            listener,
+            AdminState {
+                proxy: state.clone(),
+                registrar,
+                wg,
+            },
+        ));
+    }
     dstack_gateway::proxy::run(listener, state, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await;
     Ok(())
+}
+
+/// The WireGuard device and the `RegisterCvm` server over RA-TLS.
+async fn start_registration(
+    config: &mut GatewayConfig,
+    table: &RoutingTable,
+) -> anyhow::Result<(Arc<Registrar>, Arc<WgDevice>)> {
+    let wgc = &mut config.core.wg;
+    anyhow::ensure!(
+        !wgc.private_key.is_empty(),
+        "core.wg.private_key is required with core.rpc.enabled"
+    );
+    let key = decode_key(&wgc.private_key).context("core.wg.private_key")?;
+    let public = public_key_b64(&key);
+    if wgc.public_key.is_empty() {
+        wgc.public_key = public;
+    } else {
+        anyhow::ensure!(
+            wgc.public_key == public,
+            "core.wg.public_key does not match core.wg.private_key"
+        );
+    }
+    let dev = WgDevice::start(DeviceConfig {
+        ifname: wgc.interface.clone(),
+        private_key: key,
+        listen: std::net::SocketAddr::from(([0, 0, 0, 0], wgc.listen_port)),
+        address: wgc.ip,
+        mtu: 1420,
+        routes: Vec::new(),
+    })
+    .await
+    .context("WireGuard device")?;
+    let wg = Arc::new(dev);
+    info!(interface = %wgc.interface, port = wgc.listen_port, "WireGuard up");
+
+    let verifier = build_verifier(&config.core.attestation)?;
+    let allowed = &config.core.attestation.allowed_apps;
+    let policy = AdmissionPolicy {
+        allowed_apps: (!allowed.is_empty()).then(|| allowed.iter().map(|a| a.to_ascii_lowercase()).collect()),
+    };
+    let rpc = config.core.rpc.clone();
+    let registrar = Arc::new(Registrar::new(
+        Arc::new(config.clone()),
+        table.clone(),
+        Box::new(RaTlsIdentity::new(verifier)),
+        wg.clone(),
+        policy,
+    ));
+    let identity = match (&rpc.cert_chain, &rpc.cert_key) {
+        (Some(c), Some(k)) => ServerIdentity::load(c, k)?,
+        _ => {
+            warn!("core.rpc: no cert_chain/cert_key; using a self-signed certificate");
+            ServerIdentity::self_signed(&config.core.rpc_domain)?
+        }
+    };
+    let tls = server_config(identity, Vec::new())?;
+    let listener = tokio::net::TcpListener::bind(rpc.address)
+        .await
+        .with_context(|| format!("binding rpc {}", rpc.address))?;
+    info!(address = %rpc.address, "RegisterCvm listening (RA-TLS)");
+    let router = Arc::new(rpc_router(registrar.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await {
+            warn!("rpc server stopped: {e}");
+        }
+    });
+    Ok((registrar, wg))
 }

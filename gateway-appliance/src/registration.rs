@@ -150,6 +150,17 @@ pub struct Registrar {
     lock: Mutex<()>,
     /// The ACME account URL, once known.
     pub acme_account: Mutex<Option<String>>,
+    /// Accepted / refused `RegisterCvm` calls.
+    pub stats: RegistrationStats,
+}
+
+/// Registration counters (for metrics).
+#[derive(Debug, Default)]
+pub struct RegistrationStats {
+    /// Successful registrations.
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Refused registrations.
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Registrar {
@@ -177,6 +188,7 @@ impl Registrar {
             policy,
             lock: Mutex::new(()),
             acme_account: Mutex::new(None),
+            stats: RegistrationStats::default(),
         }
     }
 
@@ -302,7 +314,18 @@ impl Registrar {
 
 impl GatewayRpc for Registrar {
     async fn register_cvm(&self, ctx: &CallContext, req: RegisterCvmRequest) -> Result<RegisterCvmResponse, RpcError> {
-        self.register(ctx, req).await.map_err(RpcError::handler)
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.register(ctx, req).await {
+            Ok(r) => {
+                self.stats.accepted.fetch_add(1, Relaxed);
+                Ok(r)
+            }
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Relaxed);
+                tracing::warn!("RegisterCvm refused: {e}");
+                Err(RpcError::handler(e))
+            }
+        }
     }
 
     async fn acme_info(&self, _ctx: &CallContext, _req: Empty) -> Result<AcmeInfoResponse, RpcError> {

@@ -25,8 +25,11 @@ const HOST_PACKAGES: &[&str] = &[
     // guest-init: LUKS and ext4 on loop devices
     "e2fsprogs",
     "util-linux",
-    // gateway: real local ACME server
+    // gateway: real local ACME server; WireGuard interop peer; network namespaces
     "pebble",
+    "wireguard-go",
+    "wireguard-tools",
+    "iproute2",
 ];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).
@@ -96,6 +99,9 @@ pub fn install_test_dependencies() -> Result<TestEnv> {
             .display()
             .to_string(),
     ));
+
+    // The gateway's interop test drives Debian's wireguard-go and wg as the CVM side.
+    env.push(("DSTACK_WG_TOOLS_DIR".into(), "/usr/bin".into()));
 
     // Fixture-dependent tests skip loudly when run by hand without fixtures; under xtask they must not skip.
     env.push(("DSTACK_REQUIRE_FIXTURES".into(), "1".into()));
