@@ -13,13 +13,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dstack_measurements::sim::SimRootPin;
-use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, parse_cert};
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, DeferredAttestationClientVerifier};
 use dstack_rpc::{BoxFuture, CallContext};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 
 use crate::config::AttestationConfig;
@@ -108,104 +104,6 @@ impl IdentityProvider for RaTlsIdentity {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Optional client auth: accepts certificates chaining to `roots` or self-issued ones carrying a
-/// quote (verified later by [`RaTlsIdentity`]).
-#[derive(Debug)]
-pub struct GatewayClientVerifier {
-    chain: Option<Arc<dyn ClientCertVerifier>>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl GatewayClientVerifier {
-    /// `roots`: e.g. the KMS root CA (may be empty).
-    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Arc<Self>, AttestError> {
-        let provider = provider();
-        let chain = if roots.is_empty() {
-            None
-        } else {
-            let mut store = RootCertStore::empty();
-            for r in roots {
-                store
-                    .add(r)
-                    .map_err(|e| AttestError::Tls(format!("client root: {e}")))?;
-            }
-            Some(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| AttestError::Tls(e.to_string()))?,
-            )
-        };
-        Ok(Arc::new(Self { chain, provider }))
-    }
-}
-
-impl ClientCertVerifier for GatewayClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        let chain_err = match &self.chain {
-            Some(c) => match c.verify_client_cert(end_entity, intermediates, now) {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            },
-            None => Error::InvalidCertificate(CertificateError::UnknownIssuer),
-        };
-        let Ok(parsed) = parse_cert(end_entity) else {
-            return Err(chain_err);
-        };
-        if !parsed.self_issued || !intermediates.is_empty() || parsed.quote.is_none() {
-            return Err(chain_err);
-        }
-        let secs = now.as_secs();
-        if secs < parsed.not_before || secs > parsed.not_after {
-            return Err(Error::InvalidCertificate(CertificateError::Expired));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// The RPC server's certificate chain and key.
 #[derive(Debug)]
 pub struct ServerIdentity {
@@ -246,10 +144,12 @@ pub fn server_config(
     id: ServerIdentity,
     client_roots: Vec<CertificateDer<'static>>,
 ) -> Result<Arc<rustls::ServerConfig>, AttestError> {
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| AttestError::Tls(e.to_string()))?
-        .with_client_cert_verifier(GatewayClientVerifier::new(client_roots)?)
+        .with_client_cert_verifier(
+            DeferredAttestationClientVerifier::new(client_roots).map_err(|e| AttestError::Tls(e.to_string()))?,
+        )
         .with_single_cert(id.chain, id.key)
         .map_err(|e| AttestError::Tls(e.to_string()))?;
     Ok(Arc::new(cfg))

@@ -27,12 +27,14 @@
 //! an established connection.
 
 pub mod cert;
+mod deferred;
 pub mod oids;
 mod parse;
 pub mod tls;
 pub mod verify;
 
 pub use cert::{CaCert, CertAttestation, CertRequest, ra_tls_report_data, report_data_for};
+pub use deferred::DeferredAttestationClientVerifier;
 pub use parse::{ParsedCert, parse_cert};
 pub use tls::{RaTlsClientVerifier, RaTlsServerVerifier, peer_identity};
 pub use verify::{AttestationPolicy, AttestationVerifier, AttestedIdentity, CollateralProvider, StaticCollateral};
