@@ -7,20 +7,9 @@ use anyhow::Result;
 const MISSING: &[(&str, &str)] = &[
     (
         "guest-init",
-        "boot not yet wired to the TEE backends, KMS key retrieval over RA-TLS and the guest agent",
+        "not yet booted as a full image under the VM manager; no gateway registration",
     ),
-    (
-        "image-build",
-        "no predicted measurements (measurements.json) for the simulated TDX module to start from",
-    ),
-    (
-        "host-vmm",
-        "no virtio-net for the kvm backend; the tcg backend has not yet booted a full image with guest-init",
-    ),
-    (
-        "gateway-appliance",
-        "no WireGuard data plane and no RA-TLS registration endpoint",
-    ),
+    ("host-vmm", "no virtio-net for the kvm backend"),
     (
         "xtask demo",
         "no orchestration of registry, KMS, gateway, VM manager and example app",
