@@ -7,14 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dstack_measurements::eventlog::{RuntimeEvent, TdxEvent};
-use dstack_measurements::sim::SimulatedQuoteSigner;
+use dstack_measurements::eventlog::RuntimeEvent;
 use dstack_ra_tls::tls::RaTlsVerifierConfig;
 use dstack_ra_tls::{
     AttestationPolicy, AttestationVerifier, CaCert, CertAttestation, CertRequest, RaTlsClientVerifier,
     RaTlsServerVerifier, ra_tls_report_data,
 };
-use dstack_sim_tdx::{InitialState, SimTdx};
+use dstack_sim_tdx::SimTdx;
 use rcgen::{KeyPair, PublicKeyData};
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -25,8 +24,7 @@ fn key() -> KeyPair {
 }
 
 fn attested(sim: &SimTdx, k: &KeyPair) -> CertRequest {
-    let mut log: Vec<TdxEvent> = sim.boot_event_log();
-    log.extend(sim.runtime_event_log());
+    let log = sim.full_event_log();
     CertRequest {
         subject: "bench".into(),
         alt_names: vec!["kms.test".into()],
@@ -48,22 +46,7 @@ fn pk(k: &KeyPair) -> PrivateKeyDer<'static> {
 
 #[tokio::main]
 async fn main() {
-    let boot = (0..3)
-        .map(|imr| TdxEvent {
-            imr,
-            event_type: 0x8000_0001,
-            digest: vec![imr as u8; 48],
-            event: String::new(),
-            event_payload: Vec::new(),
-            version: None,
-        })
-        .collect();
-    let init = InitialState {
-        mrtd: vec![1; 48],
-        boot_event_log: boot,
-        ..Default::default()
-    };
-    let sim = SimTdx::new(&init, SimulatedQuoteSigner::generate().expect("signer")).expect("sim");
+    let sim = dstack_sim_tdx::fixture::booted(1, 0).expect("sim");
     for (name, payload) in [
         ("app-id", vec![7u8; 20]),
         ("compose-hash", vec![8; 32]),

@@ -27,6 +27,7 @@
 //!
 //! Errors are HTTP 400 with `{"error": …}` (JSON) or a protobuf `PrpcError`.
 
+pub mod fixture;
 mod service;
 
 use std::path::{Path, PathBuf};
@@ -324,6 +325,12 @@ impl SimTdx {
     /// Every extension accepted so far, in order.
     pub fn runtime_event_log(&self) -> Vec<TdxEvent> {
         self.lock().runtime_log.clone()
+    }
+
+    /// The boot events followed by the runtime events: the log that replays to all four RTMRs.
+    pub fn full_event_log(&self) -> Vec<TdxEvent> {
+        let state = self.lock();
+        state.boot_log.iter().chain(&state.runtime_log).cloned().collect()
     }
 
     /// The simulated root certificate (PEM) verifiers pin.

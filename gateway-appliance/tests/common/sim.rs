@@ -1,10 +1,9 @@
 //! Simulated-TDX fixtures: a booted in-process module and RA-TLS certificates it quotes for.
 
 use dstack_gateway::attest::ServerIdentity;
-use dstack_measurements::eventlog::{RuntimeEvent, TdxEvent};
-use dstack_measurements::sim::SimulatedQuoteSigner;
+use dstack_measurements::eventlog::TdxEvent;
 use dstack_ra_tls::{CertAttestation, CertRequest, ra_tls_report_data};
-use dstack_sim_tdx::{InitialState, SimTdx};
+use dstack_sim_tdx::{SimTdx, fixture};
 use rcgen::{KeyPair, PublicKeyData};
 use rustls_pki_types::CertificateDer;
 
@@ -13,34 +12,8 @@ pub const INSTANCE_ID: [u8; 20] = [0x1d; 20];
 pub const DOMAIN: &str = "gateway.test";
 
 pub fn booted_sim() -> SimTdx {
-    let boot = (0..3u32)
-        .map(|imr| TdxEvent {
-            imr,
-            event_type: 0x8000_0001,
-            digest: vec![imr as u8 + 0x50; 48],
-            event: String::new(),
-            event_payload: Vec::new(),
-            version: None,
-        })
-        .collect();
-    let init = InitialState {
-        mrtd: vec![0x11; 48],
-        boot_event_log: boot,
-        ..Default::default()
-    };
-    let sim = SimTdx::new(&init, SimulatedQuoteSigner::generate().unwrap()).unwrap();
-    for (name, payload) in [
-        ("system-preparing", &b""[..]),
-        ("app-id", &APP_ID[..]),
-        ("compose-hash", &[0xc0; 32][..]),
-        ("instance-id", &INSTANCE_ID[..]),
-        ("boot-mr-done", &b""[..]),
-        ("key-provider", &br#"{"name":"kms","id":"00"}"#[..]),
-        ("system-ready", &b""[..]),
-    ] {
-        let ev = RuntimeEvent::new(name, payload);
-        sim.extend_rtmr(3, &ev.digest(), Some((name, payload))).unwrap();
-    }
+    let sim = fixture::booted(0x11, 0x50).unwrap();
+    fixture::measure_dstack_boot(&sim, &APP_ID, &[0xc0; 32], &INSTANCE_ID).unwrap();
     sim
 }
 
@@ -48,8 +21,7 @@ pub fn booted_sim() -> SimTdx {
 pub fn client_cert(sim: &SimTdx, tamper: impl FnOnce(&mut Vec<TdxEvent>)) -> (CertificateDer<'static>, KeyPair) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let rd = ra_tls_report_data(&key.subject_public_key_info());
-    let mut log = sim.boot_event_log();
-    log.extend(sim.runtime_event_log());
+    let mut log = sim.full_event_log();
     tamper(&mut log);
     let req = CertRequest {
         subject: "dstack-guest-agent".into(),

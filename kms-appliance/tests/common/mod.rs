@@ -12,15 +12,14 @@ use std::time::Duration;
 use dstack_kms::bootstrap::SelfTee;
 use dstack_kms::config::{AuthApiKind, KmsConfig};
 use dstack_kms::{Kms, KmsHandle};
-use dstack_measurements::eventlog::{RuntimeEvent, TdxEvent};
-use dstack_measurements::sim::SimulatedQuoteSigner;
+use dstack_measurements::eventlog::TdxEvent;
 use dstack_ra_tls::tls::RaTlsVerifierConfig;
 use dstack_ra_tls::{
     AttestationPolicy, AttestationVerifier, CertAttestation, CertRequest, RaTlsServerVerifier, ra_tls_report_data,
 };
 use dstack_rpc::Client;
 use dstack_rpc::kms::KmsClient;
-use dstack_sim_tdx::{InitialState, SimTdx};
+use dstack_sim_tdx::{SimTdx, fixture};
 use dstack_tee::{SimEndpoint, SimulatedTee};
 use rcgen::{KeyPair, PublicKeyData};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -32,46 +31,18 @@ pub const GATEWAY_APP_ID: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// A simulated TDX module that "booted" (three boot events, MRTD `mrtd_byte`).
 pub fn booted(mrtd_byte: u8) -> SimTdx {
-    let boot = (0..3u32)
-        .map(|imr| TdxEvent {
-            imr,
-            event_type: 0x8000_0001,
-            digest: vec![imr as u8 + mrtd_byte; 48],
-            event: String::new(),
-            event_payload: Vec::new(),
-            version: None,
-        })
-        .collect();
-    let init = InitialState {
-        mrtd: vec![mrtd_byte; 48],
-        boot_event_log: boot,
-        ..Default::default()
-    };
-    SimTdx::new(&init, SimulatedQuoteSigner::generate().unwrap()).unwrap()
+    fixture::booted(mrtd_byte, mrtd_byte).unwrap()
 }
 
 /// A CVM: a module with dstack's boot-time runtime events for `app_id` / `instance_id`.
 pub fn cvm(app_id: [u8; 20], instance_id: [u8; 20]) -> SimTdx {
     let sim = booted(0x21);
-    for (name, payload) in [
-        ("system-preparing", &b""[..]),
-        ("app-id", &app_id[..]),
-        ("compose-hash", &[0xc0; 32][..]),
-        ("instance-id", &instance_id[..]),
-        ("boot-mr-done", &b""[..]),
-        ("key-provider", &br#"{"name":"kms","id":"00"}"#[..]),
-        ("system-ready", &b""[..]),
-    ] {
-        let ev = RuntimeEvent::new(name, payload);
-        sim.extend_rtmr(3, &ev.digest(), Some((name, payload))).unwrap();
-    }
+    fixture::measure_dstack_boot(&sim, &app_id, &[0xc0; 32], &instance_id).unwrap();
     sim
 }
 
 pub fn full_log(sim: &SimTdx) -> Vec<TdxEvent> {
-    let mut log = sim.boot_event_log();
-    log.extend(sim.runtime_event_log());
-    log
+    sim.full_event_log()
 }
 
 /// A self-signed RA-TLS client certificate for `sim` (event log passed through `tamper`).

@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dstack_measurements::eventlog::{RuntimeEvent, TdxEvent};
-use dstack_measurements::sim::SimulatedQuoteSigner;
+use dstack_measurements::eventlog::TdxEvent;
 use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CertAttestation, CertRequest, ra_tls_report_data};
-use dstack_sim_tdx::{InitialState, SimTdx};
+use dstack_sim_tdx::{SimTdx, fixture};
 use rcgen::KeyPair;
 
 pub const APP_ID: [u8; 20] = [0xa1; 20];
@@ -25,41 +24,13 @@ pub fn key() -> KeyPair {
 
 /// A module that booted (three boot events) and ran dstack's boot-time runtime events.
 pub fn booted_sim() -> SimTdx {
-    let boot = (0..3u32)
-        .map(|imr| TdxEvent {
-            imr,
-            event_type: 0x8000_0001,
-            digest: vec![imr as u8 + 0x50; 48],
-            event: String::new(),
-            event_payload: Vec::new(),
-            version: None,
-        })
-        .collect();
-    let init = InitialState {
-        mrtd: vec![0x11; 48],
-        boot_event_log: boot,
-        ..Default::default()
-    };
-    let sim = SimTdx::new(&init, SimulatedQuoteSigner::generate().unwrap()).unwrap();
-    for (name, payload) in [
-        ("system-preparing", &b""[..]),
-        ("app-id", &APP_ID[..]),
-        ("compose-hash", &COMPOSE_HASH[..]),
-        ("instance-id", &INSTANCE_ID[..]),
-        ("boot-mr-done", &b""[..]),
-        ("key-provider", &br#"{"name":"kms","id":"00"}"#[..]),
-        ("system-ready", &b""[..]),
-    ] {
-        let ev = RuntimeEvent::new(name, payload);
-        sim.extend_rtmr(3, &ev.digest(), Some((name, payload))).unwrap();
-    }
+    let sim = fixture::booted(0x11, 0x50).unwrap();
+    fixture::measure_dstack_boot(&sim, &APP_ID, &COMPOSE_HASH, &INSTANCE_ID).unwrap();
     sim
 }
 
 pub fn full_log(sim: &SimTdx) -> Vec<TdxEvent> {
-    let mut log = sim.boot_event_log();
-    log.extend(sim.runtime_event_log());
-    log
+    sim.full_event_log()
 }
 
 /// The attestation for `key`'s certificate.
