@@ -161,3 +161,11 @@ pub fn rpc_router(registrar: Arc<crate::registration::Registrar>) -> dstack_rpc:
         .service(dstack_rpc::gateway::GatewayServer::from_arc(registrar))
         .alias("Tproxy", "Gateway")
 }
+
+/// [`rpc_router`] plus `GatewaySync` for peer nodes.
+pub fn rpc_router_with_sync(
+    registrar: Arc<crate::registration::Registrar>,
+    sync: crate::sync::SyncService,
+) -> dstack_rpc::RpcRouter {
+    rpc_router(registrar).service(dstack_rpc::gateway::GatewaySyncServer::new(sync))
+}

@@ -12,6 +12,9 @@
 //! client_ip_range = "10.0.0.0/25"      # CVM addresses are allocated from here
 //! interface = "wg0"
 //! endpoint = "203.0.113.1:51820"       # what CVMs dial
+//! # key_file = "/var/lib/dstack-gateway/wg-keys.json"   # rotated keys persist here (0600)
+//! rotate_interval = "0s"               # rotate the gateway's WireGuard key this often (0 = never)
+//! rotate_grace = "1d"                  # old key still accepted this long (> CVM refresh period)
 //!
 //! [core.proxy]
 //! base_domain = "app.example.com"      # `<id>[-<port>][s|g].<base_domain>`
@@ -45,6 +48,23 @@
 //! enabled = true
 //! interval = "5m"
 //! timeout = "10h"
+//!
+//! [core.auth]                          # registration webhook (alongside allowed_apps)
+//! enabled = false
+//! url = "http://127.0.0.1:9000/auth"   # POST {app_id, instance_id, compose_hash}; 2xx = allowed
+//! timeout = "5s"                       # no answer in time = refused (fail closed)
+//! # ca_file = "/etc/ssl/certs/ca-certificates.crt"   # roots for https URLs
+//!
+//! [core.sync]                          # several gateway nodes sharing state over RA-TLS
+//! enabled = false
+//! node_id = 1                          # unique per node
+//! my_url = "https://gw1.example.com:8000"   # where peers reach this node's [core.rpc]
+//! bootnodes = []                       # other nodes' URLs to start from
+//! interval = "30s"                     # anti-entropy round (a registration is pushed at once)
+//! timeout = "5s"                       # per peer call
+//! node_timeout = "2m"                  # nodes silent longer are left out of CVM configs
+//! tombstone_ttl = "1d"                 # how long recycled instances are remembered
+//! gateway_app_id = ""                  # hex app id peers must attest; required when enabled
 //!
 //! [core.certbot]
 //! enabled = false
@@ -120,6 +140,80 @@ pub struct CoreConfig {
     pub rpc: RpcConfig,
     /// `[core.admin]`.
     pub admin: AdminConfig,
+    /// `[core.auth]`.
+    pub auth: AuthConfig,
+    /// `[core.sync]`.
+    pub sync: SyncConfig,
+}
+
+/// `[core.auth]`: an external webhook asked about every registration (fail closed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Ask the webhook.
+    pub enabled: bool,
+    /// `http://` or `https://` URL that receives the POST.
+    pub url: String,
+    /// Whole-request timeout.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// PEM roots for `https` URLs (default: the system bundle).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: String::new(),
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[core.sync]`: state shared between gateway nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Run the sync loop and serve `GatewaySync`.
+    pub enabled: bool,
+    /// Unique node id.
+    pub node_id: u32,
+    /// This node's RPC URL as peers reach it.
+    pub my_url: String,
+    /// Peers to contact first.
+    pub bootnodes: Vec<String>,
+    /// Full-state exchange period.
+    #[serde(deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// Per-call timeout.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Nodes not heard of for this long are considered down.
+    #[serde(deserialize_with = "de_duration")]
+    pub node_timeout: Duration,
+    /// Tombstone lifetime.
+    #[serde(deserialize_with = "de_duration")]
+    pub tombstone_ttl: Duration,
+    /// Hex app id every peer must attest (the gateway app's id).
+    pub gateway_app_id: String,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_id: 0,
+            my_url: String::new(),
+            bootnodes: Vec::new(),
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(120),
+            tombstone_ttl: Duration::from_secs(86400),
+            gateway_app_id: String::new(),
+        }
+    }
 }
 
 /// `[core.admin]`: health, status and Prometheus metrics over plain HTTP (keep it on loopback).
@@ -200,6 +294,14 @@ pub struct WgConfig {
     pub interface: String,
     /// `host:port` CVMs connect to.
     pub endpoint: String,
+    /// Where rotated keys are persisted (JSON, 0600); rotation is off without it.
+    pub key_file: Option<PathBuf>,
+    /// Key rotation period (zero = never).
+    #[serde(deserialize_with = "de_duration")]
+    pub rotate_interval: Duration,
+    /// How long the previous key keeps working after a rotation.
+    #[serde(deserialize_with = "de_duration")]
+    pub rotate_grace: Duration,
 }
 
 impl Default for WgConfig {
@@ -213,6 +315,9 @@ impl Default for WgConfig {
             client_ip_range: Cidr::v4(Ipv4Addr::new(10, 0, 0, 0), 25),
             interface: "wg0".into(),
             endpoint: String::new(),
+            key_file: None,
+            rotate_interval: Duration::ZERO,
+            rotate_grace: Duration::from_secs(86400),
         }
     }
 }
@@ -533,6 +638,9 @@ mod tests {
         assert_eq!(c.core.proxy.timeouts.total, Duration::from_secs(5 * 3600));
         assert_eq!(c.core.certbot.renew_before_expiration, Duration::from_secs(30 * 86400));
         assert_eq!(c.core.wg.endpoint, "203.0.113.1:51820");
+        assert_eq!(c.core.sync.node_timeout, Duration::from_secs(120));
+        assert_eq!(c.core.auth.timeout, Duration::from_secs(5));
+        assert_eq!(c.core.wg.rotate_grace, Duration::from_secs(86400));
     }
 
     #[test]

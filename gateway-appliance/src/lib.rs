@@ -8,16 +8,20 @@
 //! * [`registration`]: `RegisterCvm`, WireGuard address allocation.
 //! * [`admin`]: health, status and Prometheus metrics.
 //! * [`attest`]: RA-TLS identity of registering CVMs and the RPC TLS config.
+//! * [`auth_webhook`]: the registration webhook (fail closed).
+//! * [`sync`]: state shared between gateway nodes over RA-TLS.
 //! * [`wg`]: userspace WireGuard (boringtun) for the gateway and the guest.
 //! * [`config`]: the `gateway.toml` file.
 
 pub mod acme;
 pub mod admin;
 pub mod attest;
+pub mod auth_webhook;
 pub mod config;
 pub mod dns;
 pub mod proxy;
 pub mod registration;
 pub mod routing;
 pub mod sni;
+pub mod sync;
 pub mod wg;

@@ -10,14 +10,18 @@ use anyhow::Context;
 use clap::Parser;
 use dstack_gateway::acme::{AcmeClient, AcmeSettings, Certbot, ChallTestSrv};
 use dstack_gateway::admin::AdminState;
-use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, build_verifier, rpc_router, server_config};
+use dstack_gateway::attest::{
+    RaTlsIdentity, ServerIdentity, build_verifier, rpc_router, rpc_router_with_sync, server_config,
+};
+use dstack_gateway::auth_webhook::AuthWebhook;
 use dstack_gateway::config::GatewayConfig;
 use dstack_gateway::dns::UdpDnsClient;
 use dstack_gateway::proxy::tls::{TlsTerminator, protocol_versions};
 use dstack_gateway::proxy::{ProxyState, Stats};
 use dstack_gateway::registration::{AdmissionPolicy, Registrar};
 use dstack_gateway::routing::RoutingTable;
-use dstack_gateway::wg::{DeviceConfig, WgDevice, decode_key, public_key_b64};
+use dstack_gateway::sync::{SameAppServerVerifier, SyncService, Syncer, client_tls};
+use dstack_gateway::wg::{DeviceConfig, WgDevice, decode_key, generate_private_key, public_key_b64};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -55,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let certbot_cfg = config.core.certbot.clone();
+    // Set once registration (and with it the cluster state) is up.
+    let cluster: Arc<std::sync::OnceLock<Arc<Registrar>>> = Arc::default();
     if certbot_cfg.enabled {
         let Some(mgmt) = args.challtestsrv else {
             anyhow::bail!("certbot enabled but no DNS-01 provider configured (only --challtestsrv is implemented)");
@@ -77,10 +83,20 @@ async fn main() -> anyhow::Result<()> {
             renew_before: certbot_cfg.renew_before_expiration,
         };
         let tls = tls.clone();
+        let publish = cluster.clone();
+        let domain = proxy_cfg.base_domain.clone();
         tokio::spawn(async move {
             bot.run(certbot_cfg.renew_interval, |chain, key| {
                 if let Err(e) = tls.load_files(chain, key) {
                     warn!("reloading renewed certificate: {e}");
+                }
+                // Share it with the other gateway nodes.
+                if let (Some(r), Ok(c), Ok(k)) = (
+                    publish.get(),
+                    std::fs::read_to_string(chain),
+                    std::fs::read_to_string(key),
+                ) {
+                    r.publish_cert(&domain, c, k);
                 }
             })
             .await;
@@ -89,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
 
     let table = RoutingTable::new();
     let (registrar, wg) = if config.core.rpc.enabled {
-        let (r, w) = start_registration(&mut config, &table).await?;
+        let (r, w) = start_registration(&mut config, &table, &tls).await?;
+        let _ = cluster.set(r.clone());
         (Some(r), Some(w))
     } else {
         (None, None)
@@ -152,15 +169,24 @@ async fn main() -> anyhow::Result<()> {
 async fn start_registration(
     config: &mut GatewayConfig,
     table: &RoutingTable,
+    proxy_tls: &Arc<TlsTerminator>,
 ) -> anyhow::Result<(Arc<Registrar>, Arc<WgDevice>)> {
     let wgc = &mut config.core.wg;
+    // A rotated key, once persisted, replaces the configured one.
+    let stored = match &wgc.key_file {
+        Some(path) if path.exists() => Some(KeyFile::load(path)?),
+        _ => None,
+    };
     anyhow::ensure!(
-        !wgc.private_key.is_empty(),
+        !wgc.private_key.is_empty() || stored.is_some(),
         "core.wg.private_key is required with core.rpc.enabled"
     );
-    let key = decode_key(&wgc.private_key).context("core.wg.private_key")?;
+    let key = match &stored {
+        Some(k) => decode_key(&k.current).context("core.wg.key_file current")?,
+        None => decode_key(&wgc.private_key).context("core.wg.private_key")?,
+    };
     let public = public_key_b64(&key);
-    if wgc.public_key.is_empty() {
+    if stored.is_some() || wgc.public_key.is_empty() {
         wgc.public_key = public;
     } else {
         anyhow::ensure!(
@@ -168,9 +194,13 @@ async fn start_registration(
             "core.wg.public_key does not match core.wg.private_key"
         );
     }
+    let previous = match stored.as_ref().and_then(|k| k.previous.as_deref()) {
+        Some(p) => Some(decode_key(p).context("core.wg.key_file previous")?),
+        None => None,
+    };
     let dev = WgDevice::start(DeviceConfig {
         ifname: wgc.interface.clone(),
-        private_key: key,
+        private_key: previous.unwrap_or(key),
         listen: std::net::SocketAddr::from(([0, 0, 0, 0], wgc.listen_port)),
         address: wgc.ip,
         mtu: 1420,
@@ -178,6 +208,11 @@ async fn start_registration(
     })
     .await
     .context("WireGuard device")?;
+    if previous.is_some() {
+        // Restarted inside a grace period: the device started on the previous key; make the
+        // stored current key current and keep the previous one accepted.
+        dev.rotate_key(key);
+    }
     let wg = Arc::new(dev);
     info!(interface = %wgc.interface, port = wgc.listen_port, "WireGuard up");
 
@@ -187,13 +222,20 @@ async fn start_registration(
         allowed_apps: (!allowed.is_empty()).then(|| allowed.iter().map(|a| a.to_ascii_lowercase()).collect()),
     };
     let rpc = config.core.rpc.clone();
-    let registrar = Arc::new(Registrar::new(
-        Arc::new(config.clone()),
-        table.clone(),
-        Box::new(RaTlsIdentity::new(verifier)),
-        wg.clone(),
-        policy,
-    ));
+    let webhook = AuthWebhook::from_config(&config.core.auth)?;
+    if let Some(h) = &webhook {
+        info!(?h, "registration webhook enabled (fail closed)");
+    }
+    let registrar = Arc::new(
+        Registrar::new(
+            Arc::new(config.clone()),
+            table.clone(),
+            Box::new(RaTlsIdentity::new(verifier.clone())),
+            wg.clone(),
+            policy,
+        )
+        .with_webhook(webhook),
+    );
     let identity = match (&rpc.cert_chain, &rpc.cert_key) {
         (Some(c), Some(k)) => ServerIdentity::load(c, k)?,
         _ => {
@@ -201,16 +243,158 @@ async fn start_registration(
             ServerIdentity::self_signed(&config.core.rpc_domain)?
         }
     };
+    let sync_cfg = config.core.sync.clone();
+    let client_identity = (identity.chain.clone(), identity.key.clone_key());
     let tls = server_config(identity, Vec::new())?;
     let listener = tokio::net::TcpListener::bind(rpc.address)
         .await
         .with_context(|| format!("binding rpc {}", rpc.address))?;
     info!(address = %rpc.address, "RegisterCvm listening (RA-TLS)");
-    let router = Arc::new(rpc_router(registrar.clone()));
+    let router = if sync_cfg.enabled {
+        // Our RPC certificate must be an RA-TLS certificate of the gateway app for peers to
+        // accept it, as theirs must be for us.
+        let service = SyncService::new(
+            registrar.clone(),
+            Box::new(RaTlsIdentity::new(verifier.clone())),
+            &sync_cfg.gateway_app_id,
+        )?;
+        let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &sync_cfg.gateway_app_id)?;
+        let client = client_tls(peer_verifier, client_identity.0, client_identity.1)?;
+        let syncer = Syncer::new(registrar.clone(), client);
+        info!(node_id = sync_cfg.node_id, peers = ?syncer.targets(), "gateway sync enabled");
+        tokio::spawn(syncer.run(sync_cfg.interval));
+        // Certificates renewed by another node are installed here too.
+        let (proxy_cfg, proxy_tls) = (config.core.proxy.clone(), proxy_tls.clone());
+        registrar.set_cert_hook(Box::new(move |c| {
+            if c.domain != proxy_cfg.base_domain {
+                return;
+            }
+            let written = write_private(&proxy_cfg.cert_key, &c.key_pem)
+                .and_then(|()| std::fs::write(&proxy_cfg.cert_chain, &c.chain_pem));
+            match written.map_err(|e| e.to_string()).and_then(|()| {
+                proxy_tls
+                    .load_files(&proxy_cfg.cert_chain, &proxy_cfg.cert_key)
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(()) => info!(domain = %c.domain, from = c.origin, "installed certificate from peer"),
+                Err(e) => warn!("installing certificate from peer: {e}"),
+            }
+        }));
+        Arc::new(rpc_router_with_sync(registrar.clone(), service))
+    } else {
+        Arc::new(rpc_router(registrar.clone()))
+    };
+    let wgc = &config.core.wg;
+    if !wgc.rotate_interval.is_zero() {
+        let Some(path) = wgc.key_file.clone() else {
+            anyhow::bail!("core.wg.rotate_interval needs core.wg.key_file to persist rotated keys");
+        };
+        tokio::spawn(rotate_keys(
+            wg.clone(),
+            registrar.clone(),
+            path,
+            wgc.rotate_interval,
+            wgc.rotate_grace,
+        ));
+    }
     tokio::spawn(async move {
         if let Err(e) = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await {
             warn!("rpc server stopped: {e}");
         }
     });
     Ok((registrar, wg))
+}
+
+/// `core.wg.key_file`: the current key and, during a grace period, the previous one (base64).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeyFile {
+    current: String,
+    previous: Option<String>,
+}
+
+impl KeyFile {
+    fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        // Write beside, then rename: a crash never leaves a torn key file.
+        let tmp = path.with_extension("tmp");
+        write_private(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Write a file readable by its owner only.
+fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data.as_bytes())
+}
+
+/// Rotate the gateway's WireGuard key every `interval`: the new key is persisted, made current
+/// and announced (RegisterCvm answers and node records carry it; CVMs pick it up when they
+/// re-register); the old one keeps working for `grace`, then is retired.
+async fn rotate_keys(
+    wg: Arc<WgDevice>,
+    registrar: Arc<Registrar>,
+    path: PathBuf,
+    interval: std::time::Duration,
+    grace: std::time::Duration,
+) {
+    let grace = if grace >= interval {
+        warn!("core.wg.rotate_grace must be shorter than rotate_interval; using half the interval");
+        interval / 2
+    } else {
+        grace
+    };
+    loop {
+        tokio::time::sleep(interval - grace).await;
+        let step = async {
+            let new = generate_private_key()?;
+            let old = KeyFile::load(&path).ok().map(|k| k.current);
+            let b64 = |k: &[u8; 32]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, k);
+            KeyFile {
+                current: b64(&new),
+                previous: old,
+            }
+            .save(&path)?;
+            wg.rotate_key(new);
+            registrar.set_wg_public_key(public_key_b64(&new));
+            anyhow::Ok(b64(&new))
+        };
+        let Ok(current) = step
+            .await
+            .inspect_err(|e| warn!("WireGuard key rotation failed: {e:#}"))
+        else {
+            continue;
+        };
+        info!(public_key = %registrar.wg_public_key(), "WireGuard key rotated; previous key accepted for {grace:?}");
+        tokio::time::sleep(grace).await;
+        let left = wg.peers_on_previous_key();
+        if !left.is_empty() {
+            warn!(
+                count = left.len(),
+                "retiring the previous WireGuard key; these peers have not re-registered"
+            );
+        }
+        wg.retire_previous_key();
+        if let Err(e) = (KeyFile {
+            current,
+            previous: None,
+        })
+        .save(&path)
+        {
+            warn!("persisting retired WireGuard key state: {e:#}");
+        }
+    }
 }

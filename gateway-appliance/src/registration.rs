@@ -9,15 +9,17 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use dstack_rpc::gateway::{
-    AcmeInfoResponse, GatewayNodeInfo, GatewayRpc, GetPeersResponse, GuestAgentConfig, InfoResponse,
-    RegisterCvmRequest, RegisterCvmResponse, WireGuardConfig, WireGuardPeer,
+    AcmeInfoResponse, GatewayNodeInfo, GatewayRpc, GatewayState, GetPeersResponse, GuestAgentConfig, InfoResponse,
+    PeerInfo, RegisterCvmRequest, RegisterCvmResponse, WireGuardConfig, WireGuardPeer,
 };
 use dstack_rpc::{BoxFuture, CallContext, Empty, RpcError};
 use thiserror::Error;
 use tracing::info;
 
+use crate::auth_webhook::{AuthWebhook, WebhookError};
 use crate::config::{Cidr, GatewayConfig};
 use crate::routing::{Instance, PortPolicy, RoutingTable};
+use crate::sync::store::{CertRecord, InstanceRecord, MergeOutcome, NodeRecord, Store, from_unix_ms, unix_ms};
 
 /// The attested identity of a registering CVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +87,9 @@ pub enum RegisterError {
     /// Not in the allowlist.
     #[error("app {0} is not allowed to register")]
     NotAllowed(String),
+    /// The auth webhook refused (or could not be asked).
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     /// `client_public_key` is not a base64 X25519 key.
     #[error("invalid WireGuard public key: {0}")]
     BadKey(String),
@@ -139,20 +144,33 @@ pub struct AdmissionPolicy {
     pub allowed_apps: Option<Vec<String>>,
 }
 
-/// Implements the `Gateway` pRPC service.
+/// Implements the `Gateway` pRPC service, and holds this node's copy of the cluster state
+/// ([`crate::sync`]): registrations are written there and routing and WireGuard follow it.
 pub struct Registrar {
-    config: Arc<GatewayConfig>,
+    pub(crate) config: Arc<GatewayConfig>,
     table: RoutingTable,
     identity: Box<dyn IdentityProvider>,
     wg: Arc<dyn WgBackend>,
     policy: AdmissionPolicy,
-    /// Serialises allocation + peer pushes.
+    webhook: Option<AuthWebhook>,
+    /// Serialises allocation, merges and peer pushes.
     lock: Mutex<()>,
+    /// The replicated state (a cluster of one without `[core.sync]`).
+    pub(crate) store: Mutex<Store>,
+    /// The WireGuard public key announced to CVMs (changes on rotation).
+    wg_public: Mutex<String>,
+    /// Signalled when local state changed and peers should hear of it now.
+    pub(crate) changed: tokio::sync::Notify,
+    /// Called for every certificate that arrives from a peer.
+    cert_hook: Mutex<Option<CertHook>>,
     /// The ACME account URL, once known.
     pub acme_account: Mutex<Option<String>>,
     /// Accepted / refused `RegisterCvm` calls.
     pub stats: RegistrationStats,
 }
+
+/// Installs a certificate received from another node.
+pub type CertHook = Box<dyn Fn(&CertRecord) + Send + Sync>;
 
 /// Registration counters (for metrics).
 #[derive(Debug, Default)]
@@ -167,8 +185,13 @@ impl std::fmt::Debug for Registrar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registrar")
             .field("policy", &self.policy)
+            .field("webhook", &self.webhook)
             .finish_non_exhaustive()
     }
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
 }
 
 impl Registrar {
@@ -180,30 +203,136 @@ impl Registrar {
         wg: Arc<dyn WgBackend>,
         policy: AdmissionPolicy,
     ) -> Self {
-        Self {
+        let wg_public = Mutex::new(config.core.wg.public_key.clone());
+        let r = Self {
             config,
             table,
             identity,
             wg,
             policy,
+            webhook: None,
             lock: Mutex::new(()),
+            store: Mutex::new(Store::default()),
+            wg_public,
+            changed: tokio::sync::Notify::new(),
+            cert_hook: Mutex::new(None),
             acme_account: Mutex::new(None),
             stats: RegistrationStats::default(),
+        };
+        r.heartbeat();
+        r
+    }
+
+    /// Also ask `webhook` about every registration (after the allowlist).
+    pub fn with_webhook(mut self, webhook: Option<AuthWebhook>) -> Self {
+        self.webhook = webhook;
+        self
+    }
+
+    /// Install certificates that arrive from other nodes with `hook`.
+    pub fn set_cert_hook(&self, hook: CertHook) {
+        *self.cert_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// This node's id in the cluster.
+    pub fn node_id(&self) -> u32 {
+        self.config.core.sync.node_id
+    }
+
+    pub(crate) fn my_url(&self) -> String {
+        let s = &self.config.core.sync;
+        if s.my_url.is_empty() {
+            format!("https://{}", self.config.core.rpc_domain)
+        } else {
+            s.my_url.clone()
         }
     }
 
-    fn peers(&self) -> Vec<WgPeer> {
-        self.table
-            .instances()
+    /// Announce a new WireGuard public key (after a rotation) to CVMs and peers.
+    pub fn set_wg_public_key(&self, key: String) {
+        *self.wg_public.lock().unwrap_or_else(|e| e.into_inner()) = key;
+        self.heartbeat();
+        self.changed.notify_one();
+    }
+
+    /// The WireGuard public key currently announced.
+    pub fn wg_public_key(&self) -> String {
+        self.wg_public.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Refresh this node's own record (liveness, and content after a change).
+    pub fn heartbeat(&self) {
+        let wg = &self.config.core.wg;
+        let now = now_ms();
+        let mut me = NodeRecord {
+            id: self.node_id(),
+            url: self.my_url(),
+            wg_public_key: self.wg_public_key(),
+            wg_ip: wg.ip.addr,
+            wg_endpoint: wg.endpoint.clone(),
+            updated_ms: now,
+            last_seen_ms: now,
+        };
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cur) = store.nodes.get(&me.id) {
+            let same = NodeRecord {
+                updated_ms: cur.updated_ms,
+                last_seen_ms: cur.last_seen_ms,
+                ..me.clone()
+            } == *cur;
+            me.updated_ms = if same {
+                cur.updated_ms
+            } else {
+                now.max(cur.updated_ms + 1)
+            };
+        }
+        store.merge_node(me);
+    }
+
+    /// Nodes CVMs should use now: those heard of within `sync.node_timeout`, this one included.
+    pub fn live_nodes(&self) -> Vec<NodeRecord> {
+        self.heartbeat();
+        let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        store.live_nodes(now_ms(), self.config.core.sync.node_timeout)
+    }
+
+    /// Make routing and WireGuard match the store. Callers hold `self.lock`.
+    fn apply(&self) -> Result<(), WgError> {
+        let effective = self
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .effective_instances();
+        let mut keep = std::collections::HashSet::new();
+        for r in &effective {
+            let previous = self.table.get(&r.instance_id);
+            keep.insert(r.instance_id.clone());
+            self.table.upsert(Instance {
+                instance_id: r.instance_id.clone(),
+                app_id: r.app_id.clone(),
+                ip: IpAddr::V4(r.ip),
+                public_key: r.public_key.clone(),
+                port_policy: r.port_policy.clone(),
+                reg_time: from_unix_ms(r.reg_time_ms),
+                // Keep this node's handshake history across re-registration with the same key.
+                latest_handshake: previous
+                    .filter(|p| p.public_key == r.public_key)
+                    .and_then(|p| p.latest_handshake),
+            });
+        }
+        for i in self.table.instances() {
+            if !keep.contains(&i.instance_id) {
+                self.table.remove(&i.instance_id);
+            }
+        }
+        let peers: Vec<WgPeer> = effective
             .into_iter()
-            .filter_map(|i| match i.ip {
-                IpAddr::V4(ip) => Some(WgPeer {
-                    public_key: i.public_key,
-                    ip,
-                }),
-                IpAddr::V6(_) => None,
+            .map(|r| WgPeer {
+                public_key: r.public_key,
+                ip: r.ip,
             })
-            .collect()
+            .collect();
+        self.wg.set_peers(&peers)
     }
 
     /// Register (or re-register) the caller.
@@ -218,55 +347,68 @@ impl Registrar {
         {
             return Err(RegisterError::NotAllowed(id.app_id));
         }
+        if let Some(hook) = &self.webhook {
+            hook.check(&id).await?;
+        }
         let key = req.client_public_key.trim().to_owned();
         validate_wg_key(&key)?;
         let wg = &self.config.core.wg;
+        let nodes = self.live_nodes();
         let ip = {
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            let instances = self.table.instances();
-            if instances
-                .iter()
-                .any(|i| i.public_key == key && i.instance_id != id.instance_id)
-            {
-                return Err(RegisterError::KeyInUse);
-            }
-            let taken: HashMap<Ipv4Addr, String> = instances
-                .iter()
-                .filter_map(|i| match i.ip {
-                    IpAddr::V4(ip) => Some((ip, i.instance_id.clone())),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-            let mut reserved = wg.reserved_net.clone();
-            reserved.push(Cidr::v4(wg.ip.addr, 32)); // never hand out the gateway's own address
-            let ip = allocate_ip(wg.client_ip_range, &reserved, &taken, &id.instance_id)
-                .ok_or(RegisterError::PoolExhausted(wg.client_ip_range))?;
-            let previous = self.table.get(&id.instance_id);
-            self.table.upsert(Instance {
-                instance_id: id.instance_id.clone(),
-                app_id: id.app_id.clone(),
-                ip: IpAddr::V4(ip),
-                public_key: key.clone(),
-                port_policy: req.port_policy.as_ref().map(PortPolicy::from).unwrap_or_default(),
-                reg_time: SystemTime::now(),
-                // Keep the handshake history across re-registration with the same key.
-                latest_handshake: previous
-                    .filter(|p| p.public_key == key)
-                    .and_then(|p| p.latest_handshake),
-            });
-            self.wg.set_peers(&self.peers())?;
+            let now = now_ms();
+            let ip = {
+                let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                let effective = store.effective_instances();
+                if effective
+                    .iter()
+                    .any(|i| i.public_key == key && i.instance_id != id.instance_id)
+                {
+                    return Err(RegisterError::KeyInUse);
+                }
+                let taken: HashMap<Ipv4Addr, String> =
+                    effective.iter().map(|i| (i.ip, i.instance_id.clone())).collect();
+                let mut reserved = wg.reserved_net.clone();
+                // Never hand out a gateway's own tunnel address (any node's).
+                reserved.push(Cidr::v4(wg.ip.addr, 32));
+                reserved.extend(store.nodes.values().map(|n| Cidr::v4(n.wg_ip, 32)));
+                let ip = allocate_ip(wg.client_ip_range, &reserved, &taken, &id.instance_id)
+                    .ok_or(RegisterError::PoolExhausted(wg.client_ip_range))?;
+                let previous = store.instances.get(&id.instance_id).cloned();
+                let live_prev = previous.as_ref().filter(|p| !p.deleted);
+                store.merge_instance(InstanceRecord {
+                    instance_id: id.instance_id.clone(),
+                    app_id: id.app_id.clone(),
+                    ip,
+                    public_key: key.clone(),
+                    port_policy: req.port_policy.as_ref().map(PortPolicy::from).unwrap_or_default(),
+                    reg_time_ms: now,
+                    ip_since_ms: live_prev.filter(|p| p.ip == ip).map_or(now, |p| p.ip_since_ms),
+                    // Strictly newer than anything this record had, even with a lagging clock.
+                    updated_ms: previous.as_ref().map_or(now, |p| now.max(p.updated_ms + 1)),
+                    origin: self.node_id(),
+                    last_seen_ms: live_prev.map_or(0, |p| p.last_seen_ms),
+                    deleted: false,
+                });
+                ip
+            };
+            self.apply()?;
             ip
         };
+        self.changed.notify_one();
         info!(app_id = %id.app_id, instance_id = %id.instance_id, %ip, "registered CVM");
         let proxy = &self.config.core.proxy;
         Ok(RegisterCvmResponse {
             wg: Some(WireGuardConfig {
                 client_ip: ip.to_string(),
-                servers: vec![WireGuardPeer {
-                    pk: wg.public_key.clone(),
-                    ip: wg.ip.addr.to_string(),
-                    endpoint: wg.endpoint.clone(),
-                }],
+                servers: nodes
+                    .iter()
+                    .map(|n| WireGuardPeer {
+                        pk: n.wg_public_key.clone(),
+                        ip: n.wg_ip.to_string(),
+                        endpoint: n.wg_endpoint.clone(),
+                    })
+                    .collect(),
             }),
             agent: Some(GuestAgentConfig {
                 external_port: u32::from(proxy.external_port),
@@ -274,41 +416,115 @@ impl Registrar {
                 domain: proxy.base_domain.clone(),
                 app_address_ns_prefix: proxy.app_address_ns_prefix.clone(),
             }),
-            gateways: vec![self.node_info()],
+            gateways: nodes.iter().map(node_info).collect(),
         })
     }
 
-    fn node_info(&self) -> GatewayNodeInfo {
-        let wg = &self.config.core.wg;
-        GatewayNodeInfo {
-            id: 0,
-            uuid: Vec::new(),
-            url: format!("https://{}", self.config.core.rpc_domain),
-            last_seen: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            wg_public_key: wg.public_key.clone(),
-            wg_ip: wg.ip.addr.to_string(),
-            wg_endpoint: wg.endpoint.clone(),
-        }
-    }
-
-    /// Pull handshake times from the data plane, then drop instances silent for longer than
-    /// `recycle.timeout`. Returns the removed instances.
+    /// Pull handshake times from the data plane, then drop instances silent (no handshake seen by
+    /// any node, no registration) for longer than `recycle.timeout`. Returns the removed ones.
     pub fn recycle(&self, now: SystemTime) -> Result<Vec<Instance>, WgError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let handshakes = self.wg.latest_handshakes();
-        for inst in self.table.instances() {
-            if let Some(t) = handshakes.get(&inst.public_key) {
-                self.table.set_handshake(&inst.instance_id, *t);
+        let now = unix_ms(now);
+        let gone = {
+            let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            for inst in self.table.instances() {
+                if let Some(t) = handshakes.get(&inst.public_key) {
+                    self.table.set_handshake(&inst.instance_id, *t);
+                    store.saw_instance(&inst.instance_id, unix_ms(*t));
+                }
+            }
+            let gone = store.recycle(now, self.config.core.recycle.timeout, self.node_id());
+            store.purge_tombstones(now, self.config.core.sync.tombstone_ttl);
+            gone
+        };
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.apply()?;
+        self.changed.notify_one();
+        info!(count = gone.len(), "recycled stale instances");
+        Ok(gone
+            .into_iter()
+            .map(|r| Instance {
+                instance_id: r.instance_id,
+                app_id: r.app_id,
+                ip: IpAddr::V4(r.ip),
+                public_key: r.public_key,
+                port_policy: r.port_policy,
+                reg_time: from_unix_ms(r.reg_time_ms),
+                latest_handshake: (r.last_seen_ms > 0).then(|| from_unix_ms(r.last_seen_ms)),
+            })
+            .collect())
+    }
+
+    /// Merge a peer's state, then re-apply routing and install new certificates.
+    pub fn merge_remote(&self, state: &GatewayState) -> Result<MergeOutcome, WgError> {
+        let out = {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let out = self.store.lock().unwrap_or_else(|e| e.into_inner()).merge(state);
+            if out.instances {
+                self.apply()?;
+            }
+            out
+        };
+        for r in &out.rejected {
+            tracing::warn!(from = state.sender_id, "sync: ignored record: {r}");
+        }
+        if !out.certs.is_empty() {
+            let certs: Vec<CertRecord> = {
+                let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                out.certs.iter().filter_map(|d| store.certs.get(d).cloned()).collect()
+            };
+            if let Some(hook) = &*self.cert_hook.lock().unwrap_or_else(|e| e.into_inner()) {
+                certs.iter().for_each(hook);
             }
         }
-        let gone = self.table.recycle(now, self.config.core.recycle.timeout);
-        if !gone.is_empty() {
-            self.wg.set_peers(&self.peers())?;
-            info!(count = gone.len(), "recycled stale instances");
-        }
-        Ok(gone)
+        Ok(out)
+    }
+
+    /// This node's whole state, for a peer.
+    pub fn snapshot(&self) -> GatewayState {
+        self.heartbeat();
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .to_wire(self.node_id())
+    }
+
+    /// Publish a certificate (e.g. just issued by ACME) to the cluster.
+    pub fn publish_cert(&self, domain: &str, chain_pem: String, key_pem: String) {
+        let rec = CertRecord {
+            domain: domain.to_owned(),
+            chain_pem,
+            key_pem,
+            updated_ms: now_ms(),
+            origin: self.node_id(),
+        };
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).merge_cert(rec);
+        self.changed.notify_one();
+    }
+
+    /// The certificate the cluster holds for `domain`.
+    pub fn cert(&self, domain: &str) -> Option<CertRecord> {
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .certs
+            .get(domain)
+            .cloned()
+    }
+}
+
+fn node_info(n: &NodeRecord) -> GatewayNodeInfo {
+    GatewayNodeInfo {
+        id: n.id,
+        uuid: Vec::new(),
+        url: n.url.clone(),
+        last_seen: n.last_seen_ms / 1000,
+        wg_public_key: n.wg_public_key.clone(),
+        wg_ip: n.wg_ip.to_string(),
+        wg_endpoint: n.wg_endpoint.clone(),
     }
 }
 
@@ -352,10 +568,16 @@ impl GatewayRpc for Registrar {
     }
 
     async fn get_peers(&self, _ctx: &CallContext, _req: Empty) -> Result<GetPeersResponse, RpcError> {
+        let me = self.node_id();
         Ok(GetPeersResponse {
-            my_id: 0,
-            my_url: self.node_info().url,
-            peers: Vec::new(),
+            my_id: me,
+            my_url: self.my_url(),
+            peers: self
+                .live_nodes()
+                .into_iter()
+                .filter(|n| n.id != me)
+                .map(|n| PeerInfo { id: n.id, url: n.url })
+                .collect(),
         })
     }
 }

@@ -209,3 +209,64 @@ fn wg_conf_layout() {
         "[Interface]\nPrivateKey = PRIV\nListenPort = 51820\n\n[Peer]\nPublicKey = PUB\nAllowedIPs = 10.0.0.2/32\nPersistentKeepalive = 25\n"
     );
 }
+
+/// The webhook sits after the allowlist: a refusal (or no answer) registers nothing; a 2xx does.
+#[tokio::test]
+async fn webhook_gates_registration_and_fails_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers 200 for app "ok", 403 otherwise, and never answers app "slow".
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !got.ends_with(b"}") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&got);
+                if req.contains("\"app_id\":\"slow\"") {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+                let status = if req.contains("\"app_id\":\"ok\"") {
+                    "200 OK"
+                } else {
+                    "403 Forbidden"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+    let toml = format!("[core.auth]\nenabled = true\nurl = \"http://{addr}/auth\"\ntimeout = \"500ms\"");
+    let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
+    let hook = AuthWebhook::from_config(&cfg.core.auth).unwrap();
+    let wg = Arc::new(RecordingWg::default());
+    let table = RoutingTable::new();
+    let r = Registrar::new(
+        cfg,
+        table.clone(),
+        Box::new(HeaderIdentity),
+        wg.clone(),
+        AdmissionPolicy::default(),
+    )
+    .with_webhook(hook);
+
+    let e = r.register(&ctx(Some("bad:01")), req(&key(1))).await.unwrap_err();
+    assert!(
+        matches!(e, RegisterError::Webhook(WebhookError::Status { status: 403, .. })),
+        "{e}"
+    );
+    let e = r.register(&ctx(Some("slow:02")), req(&key(2))).await.unwrap_err();
+    assert!(matches!(e, RegisterError::Webhook(WebhookError::Timeout(_))), "{e}");
+    assert!(table.instances().is_empty() && wg.peers.lock().unwrap().is_empty());
+    r.register(&ctx(Some("ok:03")), req(&key(3))).await.unwrap();
+    assert_eq!(table.instances().len(), 1);
+    assert_eq!(wg.peers.lock().unwrap().len(), 1);
+}

@@ -6,9 +6,11 @@ import "./Owned.sol";
 
 /// Per-app policy: which compose hashes and devices an app may boot with. The contract's address is the app id.
 /// Same checks and reason strings as dstack's DstackApp; not upgradeable (deploy a new one and re-register).
+/// Ours in addition: the owner can revoke single instances ("Instance revoked").
 contract AppAuth is IAppAuth, Owned {
     mapping(bytes32 => bool) public allowedComposeHashes;
     mapping(bytes32 => bool) public allowedDeviceIds;
+    mapping(address => bool) public revokedInstances;
     bool public allowAnyDevice;
     bool public requireTcbUpToDate;
 
@@ -18,6 +20,8 @@ contract AppAuth is IAppAuth, Owned {
     event DeviceRemoved(bytes32 deviceId);
     event AllowAnyDeviceSet(bool allowAny);
     event RequireTcbUpToDateSet(bool required);
+    event InstanceRevoked(address instanceId);
+    event InstanceRestored(address instanceId);
 
     /// Zero `initialDeviceId` / `initialComposeHash` mean "none".
     constructor(
@@ -68,6 +72,16 @@ contract AppAuth is IAppAuth, Owned {
         emit AllowAnyDeviceSet(allowAny);
     }
 
+    function revokeInstance(address instanceId) external onlyOwner {
+        revokedInstances[instanceId] = true;
+        emit InstanceRevoked(instanceId);
+    }
+
+    function restoreInstance(address instanceId) external onlyOwner {
+        revokedInstances[instanceId] = false;
+        emit InstanceRestored(instanceId);
+    }
+
     function setRequireTcbUpToDate(bool required) external onlyOwner {
         requireTcbUpToDate = required;
         emit RequireTcbUpToDateSet(required);
@@ -87,6 +101,9 @@ contract AppAuth is IAppAuth, Owned {
         }
         if (!allowAnyDevice && !allowedDeviceIds[bootInfo.deviceId]) {
             return (false, "Device not allowed");
+        }
+        if (revokedInstances[bootInfo.instanceId]) {
+            return (false, "Instance revoked");
         }
         return (true, "");
     }

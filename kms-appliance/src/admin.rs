@@ -118,6 +118,17 @@ pub enum AdminCommand {
         #[arg(action = clap::ArgAction::Set)]
         require: bool,
     },
+    /// Revokes one instance of an app (its keys are refused with "Instance revoked").
+    RevokeInstance {
+        #[arg(long)]
+        app: Address,
+        instance: Address,
+    },
+    RestoreInstance {
+        #[arg(long)]
+        app: Address,
+        instance: Address,
+    },
 }
 
 impl AdminCommand {
@@ -152,6 +163,14 @@ impl AdminCommand {
             C::SetRequireTcbUpToDate { app, require } => Change::SetRequireTcbUpToDate {
                 app: *app,
                 require: *require,
+            },
+            C::RevokeInstance { app, instance } => Change::RevokeInstance {
+                app: *app,
+                instance: *instance,
+            },
+            C::RestoreInstance { app, instance } => Change::RestoreInstance {
+                app: *app,
+                instance: *instance,
             },
         })
     }

@@ -32,6 +32,7 @@ use tokio::sync::{Mutex, watch};
 use zeroize::Zeroizing;
 
 use crate::KmsError;
+use crate::onboard::{OnboardContext, onboard_from};
 use crate::store::{KeyMaterial, KeyStore};
 
 /// Prefix of the bootstrap report data (typo preserved from dstack).
@@ -218,25 +219,25 @@ pub async fn bootstrap(
     Ok(keys)
 }
 
-/// The `Onboard` service served while no keys exist.
+/// The `Onboard` service served while no keys exist: `Bootstrap` (new keys) or `Onboard` (keys from another
+/// KMS, see [`crate::onboard`]), then `Finish`.
 #[derive(Debug)]
 pub struct OnboardService {
     store: KeyStore,
-    tee: Option<SelfTee>,
-    attest_rpc_cert: bool,
-    /// Serializes bootstraps; holds the result for `Finish`.
+    ctx: OnboardContext,
+    /// Serializes bootstraps and onboardings; true once keys were stored.
     done: Mutex<bool>,
     finished: watch::Sender<bool>,
 }
 
 impl OnboardService {
-    /// Returns the service and a receiver that turns `true` on `Finish` (after a successful bootstrap).
-    pub fn new(store: KeyStore, tee: Option<SelfTee>, attest_rpc_cert: bool) -> (Self, watch::Receiver<bool>) {
+    /// Returns the service and a receiver that turns `true` on `Finish` (after a successful bootstrap or
+    /// onboarding).
+    pub fn new(store: KeyStore, ctx: OnboardContext) -> (Self, watch::Receiver<bool>) {
         let (finished, rx) = watch::channel(false);
         let svc = Self {
             store,
-            tee,
-            attest_rpc_cert,
+            ctx,
             done: Mutex::new(false),
             finished,
         };
@@ -251,17 +252,49 @@ fn rpc_err(e: KmsError) -> RpcError {
 impl OnboardRpc for OnboardService {
     async fn bootstrap(&self, _ctx: &CallContext, req: BootstrapRequest) -> Result<BootstrapResponse, RpcError> {
         let mut done = self.done.lock().await;
-        let keys = bootstrap(&self.store, req.domain.trim(), self.tee.as_ref(), self.attest_rpc_cert)
-            .await
-            .map_err(rpc_err)?;
+        let keys = bootstrap(
+            &self.store,
+            req.domain.trim(),
+            self.ctx.tee.as_ref(),
+            self.ctx.attest_rpc_cert,
+        )
+        .await
+        .map_err(rpc_err)?;
         *done = true;
         Ok(keys.bootstrap_info.clone())
     }
 
-    async fn onboard(&self, _ctx: &CallContext, _req: OnboardRequest) -> Result<OnboardResponse, RpcError> {
-        Err(RpcError::Handler(
-            "Onboard (replication from another KMS) is not implemented yet".into(),
-        ))
+    async fn onboard(&self, _ctx: &CallContext, req: OnboardRequest) -> Result<OnboardResponse, RpcError> {
+        let mut done = self.done.lock().await;
+        if self.store.is_initialized() {
+            return Err(rpc_err(KmsError::AlreadyBootstrapped(format!(
+                "{} already holds {}",
+                self.store.dir().display(),
+                self.store.existing_files().join(", ")
+            ))));
+        }
+        let keys = match onboard_from(&self.ctx, &req.source_url, req.domain.trim()).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(source = %req.source_url, "onboarding failed: {e}");
+                return Err(RpcError::Handler(format!("Onboard failed: {e}")));
+            }
+        };
+        let store = self.store.clone();
+        let keys = tokio::task::spawn_blocking(move || store.save_new(&keys).map(|()| keys))
+            .await
+            .map_err(|e| RpcError::Internal(format!("writer task failed: {e}")))?
+            .map_err(rpc_err)?;
+        *done = true;
+        tracing::info!(
+            source = %req.source_url,
+            domain = %keys.domain,
+            k256_pubkey = %hex::encode(keys.k256_pubkey()),
+            "KMS onboarded: root keys received from the source KMS"
+        );
+        Ok(OnboardResponse {
+            k256_pubkey: keys.k256_pubkey(),
+        })
     }
 
     async fn get_attestation_info(&self, _ctx: &CallContext, _req: Empty) -> Result<AttestationInfoResponse, RpcError> {

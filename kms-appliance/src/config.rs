@@ -28,10 +28,23 @@
 //! onchain.timeout_ms = 5000
 //!
 //! [core.onboard]
-//! enabled = true                # serve Onboard.Bootstrap while no keys exist
+//! enabled = true                # serve Onboard (Bootstrap, Onboard, Finish) while no keys exist
 //! auto_bootstrap_domain = ""    # non-empty: bootstrap at start for this domain if no keys exist
 //! address = "0.0.0.0"
 //! port = 8000
+//! vm_config_file = ""           # this KMS's vm_config (VmConfig JSON, or a sys-config JSON with a
+//!                               # "vm_config" string); sent to the source KMS by Onboard.Onboard
+//!
+//! [core.image]                  # OS image verification of key-release callers (dstack's [core.image])
+//! verify = false                # recompute MRTD/RTMR0-2 from the cached image and refuse on mismatch
+//! cache_dir = "/usr/share/dstack/images"  # images/<os_image_hash>/ (image-build output directories);
+//!                               # measurements/<config_hash>.json is written by the KMS
+//!
+//! [core.admin]                  # the Admin service (ClearImageCache) on its own listener
+//! enabled = false
+//! address = "127.0.0.1"
+//! port = 8001
+//! auth_token = ""               # required (Authorization: Bearer <token>); empty refuses every call
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -105,6 +118,8 @@ pub struct CoreConfig {
     pub attestation: AttestationConfig,
     pub auth_api: AuthApiConfig,
     pub onboard: OnboardConfig,
+    pub image: ImageConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for CoreConfig {
@@ -116,6 +131,8 @@ impl Default for CoreConfig {
             attestation: AttestationConfig::default(),
             auth_api: AuthApiConfig::default(),
             onboard: OnboardConfig::default(),
+            image: ImageConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -217,6 +234,8 @@ pub struct OnboardConfig {
     pub auto_bootstrap_domain: String,
     pub address: IpAddr,
     pub port: u16,
+    /// This KMS's vm_config for `GetKmsKey` (empty: none is sent).
+    pub vm_config_file: Option<PathBuf>,
 }
 
 impl Default for OnboardConfig {
@@ -226,6 +245,63 @@ impl Default for OnboardConfig {
             auto_bootstrap_domain: String::new(),
             address: default_address(),
             port: default_port(),
+            vm_config_file: None,
+        }
+    }
+}
+
+impl OnboardConfig {
+    /// Reads `vm_config_file`: a VmConfig JSON document, or a sys-config JSON whose `vm_config` string is used.
+    pub fn load_vm_config(&self) -> Result<String, KmsError> {
+        let Some(path) = self.vm_config_file.as_ref().filter(|p| !p.as_os_str().is_empty()) else {
+            return Ok(String::new());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| KmsError::Config(format!("vm_config_file {}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| KmsError::Config(format!("vm_config_file {}: not JSON: {e}", path.display())))?;
+        Ok(match v.get("vm_config") {
+            Some(serde_json::Value::String(inner)) => inner.clone(),
+            _ => text,
+        })
+    }
+}
+
+/// `[core.image]`: OS image verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    pub verify: bool,
+    pub cache_dir: PathBuf,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            verify: false,
+            cache_dir: PathBuf::from("/usr/share/dstack/images"),
+        }
+    }
+}
+
+/// `[core.admin]`: the Admin service listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub address: IpAddr,
+    pub port: u16,
+    /// Bearer token every Admin call must present; empty refuses all calls.
+    pub auth_token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 8001,
+            auth_token: String::new(),
         }
     }
 }
@@ -243,6 +319,29 @@ mod tests {
         assert!(!c.core.attestation.allow_simulated);
         assert!(c.core.onboard.enabled);
         assert_eq!(c.core.auth_api.webhook.timeout_ms, 5000);
+        assert!(!c.core.image.verify);
+        assert_eq!(c.core.image.cache_dir, PathBuf::from("/usr/share/dstack/images"));
+        assert!(!c.core.admin.enabled);
+        assert_eq!(c.core.admin.port, 8001);
+        assert_eq!(c.core.onboard.load_vm_config().unwrap(), "");
+    }
+
+    #[test]
+    fn vm_config_file_accepts_sys_config_or_vm_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys.json");
+        std::fs::write(&sys, r#"{"kms_urls":[],"vm_config":"{\"os_image_hash\":\"ab\"}"}"#).unwrap();
+        let raw = dir.path().join("vm.json");
+        std::fs::write(&raw, r#"{"os_image_hash":"cd","cpu_count":1}"#).unwrap();
+        let mut o = OnboardConfig {
+            vm_config_file: Some(sys),
+            ..Default::default()
+        };
+        assert_eq!(o.load_vm_config().unwrap(), r#"{"os_image_hash":"ab"}"#);
+        o.vm_config_file = Some(raw);
+        assert_eq!(o.load_vm_config().unwrap(), r#"{"os_image_hash":"cd","cpu_count":1}"#);
+        o.vm_config_file = Some(dir.path().join("missing"));
+        assert!(o.load_vm_config().unwrap_err().to_string().contains("missing"));
     }
 
     #[test]

@@ -13,13 +13,20 @@
 //!   need an attested caller check it themselves).
 //! * [`server`]: wiring it together (what the `dstack-kms` binary runs).
 //!
-//! Not implemented yet: replication (`Onboard.Onboard`, the caller side of `GetKmsKey`),
-//! certificate revocation, OS image verification (`Admin.ClearImageCache` answers with an error).
+//! * [`onboard`]: replication — `Onboard.Onboard` fetches the root keys from another KMS over mutually attested
+//!   RA-TLS (`GetKmsKey`), each side asking its policy whether the other is an allowed KMS.
+//! * [`image`]: OS image verification (`[core.image]`) and the image cache; [`admin_service`]: the `Admin`
+//!   service (`ClearImageCache`) on its own token-protected listener.
+//!
+//! Not implemented yet: certificate revocation, `Onboard.GetAttestationInfo`.
 
 pub mod admin;
+pub mod admin_service;
 pub mod bootstrap;
 pub mod chain;
 pub mod config;
+pub mod image;
+pub mod onboard;
 pub mod onchain;
 pub mod policy;
 pub mod server;

@@ -50,6 +50,8 @@ sol! {
         function removeDevice(bytes32 deviceId) external;
         function setAllowAnyDevice(bool allowAny) external;
         function setRequireTcbUpToDate(bool required) external;
+        function revokeInstance(address instanceId) external;
+        function restoreInstance(address instanceId) external;
     }
 }
 
@@ -185,6 +187,8 @@ pub enum Change {
     RemoveDevice { app: Address, device: B256 },
     SetAllowAnyDevice { app: Address, allow: bool },
     SetRequireTcbUpToDate { app: Address, require: bool },
+    RevokeInstance { app: Address, instance: Address },
+    RestoreInstance { app: Address, instance: Address },
 }
 
 impl Change {
@@ -209,6 +213,12 @@ impl Change {
             Self::SetAllowAnyDevice { app, allow } => (app, A::setAllowAnyDeviceCall { allowAny: allow }.abi_encode()),
             Self::SetRequireTcbUpToDate { app, require } => {
                 (app, A::setRequireTcbUpToDateCall { required: require }.abi_encode())
+            }
+            Self::RevokeInstance { app, instance } => {
+                (app, A::revokeInstanceCall { instanceId: instance }.abi_encode())
+            }
+            Self::RestoreInstance { app, instance } => {
+                (app, A::restoreInstanceCall { instanceId: instance }.abi_encode())
             }
         }
     }

@@ -8,15 +8,18 @@ use std::sync::Arc;
 use dstack_measurements::sim::SimRootPin;
 use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, StaticCollateral};
 use dstack_rpc::RpcRouter;
-use dstack_rpc::kms::{KmsServer, OnboardServer};
+use dstack_rpc::kms::{AdminServer, KmsServer, OnboardServer};
 use dstack_tee::{RUNTIME_EVENT_LOG_FILE, TeeConfig, TeeError, TeeRequest, detect, tdx::TdxPaths};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::KmsError;
+use crate::admin_service::AdminService;
 use crate::bootstrap::{OnboardService, SelfTee, bootstrap};
 use crate::config::{AttestationConfig, KmsConfig};
+use crate::image::ImageVerifier;
+use crate::onboard::OnboardContext;
 use crate::policy::AuthApi;
 use crate::service::KmsService;
 use crate::store::KeyStore;
@@ -98,6 +101,27 @@ pub struct Kms {
     pub tee: Option<SelfTee>,
     verifier: Arc<AttestationVerifier>,
     auth: AuthApi,
+    image: Arc<ImageVerifier>,
+}
+
+/// A running plain-HTTP server (the `Admin` service).
+#[derive(Debug)]
+pub struct AdminHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminHandle {
+    pub async fn shutdown(mut self) -> Result<(), KmsError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| KmsError::Io(std::io::Error::other(e.to_string())))??;
+        Ok(())
+    }
 }
 
 /// A running KMS RPC server.
@@ -148,13 +172,23 @@ impl Kms {
                  Never use this in production !!!"
             );
         }
+        let image = Arc::new(ImageVerifier::new(&config.core.image.cache_dir));
+        if config.core.image.verify {
+            tracing::info!(cache_dir = %config.core.image.cache_dir.display(), "OS image verification is on");
+        }
         Ok(Self {
             store: KeyStore::new(&config.core.cert_dir),
             config,
             tee,
             verifier,
             auth,
+            image,
         })
+    }
+
+    /// The image cache (also used by `Admin.ClearImageCache`).
+    pub fn image_verifier(&self) -> &Arc<ImageVerifier> {
+        &self.image
     }
 
     /// Bootstraps the key store for `domain` (refuses when keys exist).
@@ -163,12 +197,19 @@ impl Kms {
         Ok(keys.bootstrap_info)
     }
 
-    /// Serves the `Onboard` service over plain HTTP on `listener` until a bootstrap is followed by `Finish`.
+    /// Serves the `Onboard` service over plain HTTP on `listener` until a bootstrap or onboarding is followed by
+    /// `Finish`.
     pub async fn serve_onboard(&self, listener: TcpListener) -> Result<(), KmsError> {
-        let (svc, mut finished) =
-            OnboardService::new(self.store.clone(), self.tee.clone(), self.config.core.attest_rpc_cert);
+        let ctx = OnboardContext {
+            tee: self.tee.clone(),
+            verifier: Arc::clone(&self.verifier),
+            auth: self.auth.clone(),
+            vm_config: self.config.core.onboard.load_vm_config()?,
+            attest_rpc_cert: self.config.core.attest_rpc_cert,
+        };
+        let (svc, mut finished) = OnboardService::new(self.store.clone(), ctx);
         let router = Arc::new(RpcRouter::new("/prpc").service(OnboardServer::new(svc)));
-        tracing::info!(addr = %listener.local_addr()?, "no keys yet: serving Onboard (Bootstrap, Finish)");
+        tracing::info!(addr = %listener.local_addr()?, "no keys yet: serving Onboard (Bootstrap, Onboard, Finish)");
         dstack_rpc::serve_tcp(listener, router, async move {
             let _ = finished.wait_for(|f| *f).await;
         })
@@ -183,7 +224,8 @@ impl Kms {
             .await
             .map_err(|e| KmsError::Storage(format!("loader task failed: {e}")))??;
         let tls = crate::tls::server_config(&keys)?;
-        let service = KmsService::new(keys, Arc::clone(&self.verifier), self.auth.clone());
+        let image = self.config.core.image.verify.then(|| Arc::clone(&self.image));
+        let service = KmsService::new(keys, Arc::clone(&self.verifier), self.auth.clone(), image);
         let router = Arc::new(RpcRouter::new("/prpc").service(KmsServer::new(service.clone())));
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -194,6 +236,27 @@ impl Kms {
         Ok(KmsHandle {
             addr,
             service,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Serves the `Admin` service (bearer token `[core.admin] auth_token`) over plain HTTP on `listener`.
+    pub fn start_admin(&self, listener: TcpListener) -> Result<AdminHandle, KmsError> {
+        let admin = &self.config.core.admin;
+        if admin.auth_token.is_empty() {
+            tracing::warn!("[core.admin] auth_token is empty: every Admin call will be refused");
+        }
+        let svc = AdminService::new(&admin.auth_token, Arc::clone(&self.image));
+        let router = Arc::new(RpcRouter::new("/prpc").service(AdminServer::new(svc)));
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(dstack_rpc::serve_tcp(listener, router, async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%addr, "KMS Admin listening (HTTP, bearer token)");
+        Ok(AdminHandle {
+            addr,
             stop: Some(stop),
             task,
         })
@@ -216,6 +279,12 @@ impl Kms {
                 )));
             }
         }
+        let _admin = if self.config.core.admin.enabled {
+            let a = &self.config.core.admin;
+            Some(self.start_admin(TcpListener::bind((a.address, a.port)).await?)?)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(self.config.rpc.socket_addr()).await?;
         self.start(listener).await?.wait().await
     }

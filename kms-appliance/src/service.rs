@@ -30,6 +30,7 @@ use dstack_rpc::{CallContext, Empty, RpcError};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::image::{ImageVerifier, os_image_hash_from_vm_config};
 use crate::policy::{AuthApi, BootInfo};
 use crate::store::KeyMaterial;
 
@@ -41,6 +42,8 @@ pub struct KmsState {
     pub keys: KeyMaterial,
     pub verifier: Arc<AttestationVerifier>,
     pub auth: AuthApi,
+    /// `[core.image] verify`: callers' MRTD/RTMR0-2 must match their OS image.
+    pub image: Option<Arc<ImageVerifier>>,
     app_cache: Mutex<HashMap<[u8; ID_LEN], AppLevelKeys>>,
 }
 
@@ -58,11 +61,17 @@ impl std::fmt::Debug for KmsState {
 pub struct KmsService(pub Arc<KmsState>);
 
 impl KmsService {
-    pub fn new(keys: KeyMaterial, verifier: Arc<AttestationVerifier>, auth: AuthApi) -> Self {
+    pub fn new(
+        keys: KeyMaterial,
+        verifier: Arc<AttestationVerifier>,
+        auth: AuthApi,
+        image: Option<Arc<ImageVerifier>>,
+    ) -> Self {
         Self(Arc::new(KmsState {
             keys,
             verifier,
             auth,
+            image,
             app_cache: Mutex::new(HashMap::new()),
         }))
     }
@@ -81,6 +90,7 @@ struct Caller {
     identity: Arc<AttestedIdentity>,
     boot_info: BootInfo,
     app_id: [u8; ID_LEN],
+    vm_config: String,
 }
 
 impl KmsState {
@@ -122,21 +132,32 @@ impl KmsState {
             identity,
             boot_info,
             app_id,
+            vm_config: vm_config.to_owned(),
         })
     }
 
-    /// Asks the policy; logs the decision. Returns the gateway app id on success.
+    /// Asks the policy, then (when configured) checks the OS image; logs the decision. Returns the gateway app
+    /// id on success.
     async fn authorize(&self, method: &str, caller: &Caller, is_kms: bool) -> Result<String, RpcError> {
         let info = &caller.boot_info;
         let decision = self.auth.is_allowed(info, is_kms).await;
-        let (allowed, reason, gateway_app_id) = match decision {
+        let (mut allowed, mut reason, gateway_app_id) = match decision {
             Ok(r) => (r.is_allowed, r.reason, r.gateway_app_id),
             Err(e) => (false, format!("policy unavailable: {e}"), String::new()),
         };
+        let mut by = "by policy";
+        if let (true, Some(image)) = (allowed, &self.image)
+            && let Err(e) = image.verify(&caller.vm_config, &caller.identity).await
+        {
+            allowed = false;
+            by = "by OS image verification";
+            reason = e.to_string();
+        }
         let log = |decision: &str| {
             tracing::info!(
                 method,
                 decision,
+                by,
                 %reason,
                 app_id = %hex::encode(&info.app_id),
                 instance_id = %hex::encode(&info.instance_id),
@@ -153,7 +174,7 @@ impl KmsState {
             Ok(gateway_app_id)
         } else {
             log("deny");
-            Err(deny(format!("{method} denied by policy: {reason}")))
+            Err(deny(format!("{method} denied {by}: {reason}")))
         }
     }
 
@@ -214,19 +235,6 @@ struct CsrConfig {
 }
 
 const CSR_CONFIRM: &str = "please sign cert:";
-
-/// `os_image_hash` (hex) from the caller's vm_config JSON, if it has one.
-fn os_image_hash_from_vm_config(vm_config: &str) -> Result<Option<Vec<u8>>, String> {
-    let v: serde_json::Value = serde_json::from_str(vm_config).map_err(|e| format!("not JSON: {e}"))?;
-    match v.get("os_image_hash") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(h)) => {
-            let h = h.strip_prefix("0x").unwrap_or(h);
-            hex::decode(h).map(Some).map_err(|e| format!("os_image_hash: {e}"))
-        }
-        Some(_) => Err("os_image_hash is not a string".into()),
-    }
-}
 
 /// A P-256 public key (uncompressed SEC1 point) for rcgen.
 #[derive(Debug)]

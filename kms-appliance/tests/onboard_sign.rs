@@ -50,8 +50,16 @@ async fn onboard_bootstrap_once_then_finish_then_serve() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("already bootstrapped"), "{e}");
-    let e = c.onboard(Default::default()).await.unwrap_err().to_string();
-    assert!(e.contains("not implemented"), "{e}");
+    // Once keys exist, Onboard is refused before it contacts anything.
+    let e = c
+        .onboard(dstack_rpc::kms::OnboardRequest {
+            source_url: "https://127.0.0.1:1".into(),
+            domain: DOMAIN.into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already bootstrapped"), "{e}");
     c.finish().await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(15), onboard)
         .await

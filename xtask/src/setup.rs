@@ -30,6 +30,11 @@ const HOST_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
     "iproute2",
+    // guest-init: DHCP server for the network test; end to end and crates/oci: the local OCI registry
+    "dnsmasq-base",
+    "docker-registry",
+    // host-vmm: user-mode networking backend of the kvm VMM
+    "passt",
 ];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).

@@ -116,7 +116,51 @@ struct Peer {
     config: PeerConfig,
     index: u32,
     tunn: Mutex<Tunn>,
+    /// Which of our static keys `tunn` uses ([`StaticKey::generation`]).
+    generation: AtomicU64,
     endpoint: Mutex<Option<SocketAddr>>,
+}
+
+/// One of our static keys. Handshake MACs are keyed on the responder's public key, so each key
+/// has its own rate limiter (which checks them).
+struct StaticKey {
+    private: StaticSecret,
+    public: PublicKey,
+    /// Checks MACs and demands cookies under handshake load, before any Diffie-Hellman work is
+    /// spent on an anonymous datagram. Shared by every peer on this key.
+    rate_limiter: Arc<RateLimiter>,
+    generation: u64,
+}
+
+impl StaticKey {
+    fn new(private: [u8; 32], generation: u64) -> Arc<Self> {
+        let private = StaticSecret::from(private);
+        let public = PublicKey::from(&private);
+        Arc::new(Self {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            generation,
+        })
+    }
+
+    fn tunn(&self, peer: &PeerConfig, index: u32) -> Tunn {
+        Tunn::new(
+            self.private.clone(),
+            PublicKey::from(peer.public_key),
+            None,
+            peer.keepalive,
+            index,
+            Some(self.rate_limiter.clone()),
+        )
+    }
+}
+
+/// The current key, and during a rotation's grace period the previous one.
+#[derive(Clone)]
+struct KeyRing {
+    current: Arc<StaticKey>,
+    previous: Option<Arc<StaticKey>>,
 }
 
 #[derive(Default)]
@@ -155,11 +199,7 @@ pub struct PeerStatus {
 }
 
 struct Inner {
-    /// Shared by all peers: checks MACs and demands cookies under handshake load, before any
-    /// Diffie-Hellman work is spent on an anonymous datagram.
-    rate_limiter: Arc<RateLimiter>,
-    private: StaticSecret,
-    public: PublicKey,
+    keys: RwLock<KeyRing>,
     peers: RwLock<Peers>,
     next_index: AtomicU32,
     udp: UdpSocket,
@@ -199,12 +239,11 @@ impl WgDevice {
             .await
             .map_err(|e| WgError(format!("udp {}: {e}", cfg.listen)))?;
         set_socket_buffers(&udp, SOCKET_BUFFER);
-        let private = StaticSecret::from(cfg.private_key);
-        let public = PublicKey::from(&private);
         let inner = Arc::new(Inner {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            public,
-            private,
+            keys: RwLock::new(KeyRing {
+                current: StaticKey::new(cfg.private_key, 0),
+                previous: None,
+            }),
             peers: RwLock::new(Peers::default()),
             next_index: AtomicU32::new(1),
             udp,
@@ -226,7 +265,46 @@ impl WgDevice {
 
     /// Base64 public key.
     pub fn public_key(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.inner.public.as_bytes())
+        base64::engine::general_purpose::STANDARD.encode(self.inner.keys().current.public.as_bytes())
+    }
+
+    /// Key rotation, step 1: make `private_key` current and keep the old key working. Sessions
+    /// stay on the key they were made with; a peer moves to the new key when it handshakes with
+    /// it (a CVM does after re-registering, which tells it the new public key).
+    pub fn rotate_key(&self, private_key: [u8; 32]) {
+        let mut keys = self.inner.keys.write().unwrap_or_else(|e| e.into_inner());
+        let generation = keys.current.generation + 1;
+        keys.previous = Some(keys.current.clone());
+        keys.current = StaticKey::new(private_key, generation);
+    }
+
+    /// Key rotation, step 2 (after the grace period): forget the previous key. Peers that never
+    /// moved to the current key get a fresh session on it, which works once they re-register.
+    pub fn retire_previous_key(&self) {
+        let current = {
+            let mut keys = self.inner.keys.write().unwrap_or_else(|e| e.into_inner());
+            keys.previous = None;
+            keys.current.clone()
+        };
+        let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner());
+        for p in peers.by_key.values() {
+            if p.generation.load(Ordering::Relaxed) != current.generation {
+                *p.tunn.lock().unwrap_or_else(|e| e.into_inner()) = current.tunn(&p.config, p.index);
+                p.generation.store(current.generation, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Public keys of the peers whose session uses the previous key (still to move).
+    pub fn peers_on_previous_key(&self) -> Vec<String> {
+        let current = self.inner.keys().current.generation;
+        let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers
+            .by_key
+            .values()
+            .filter(|p| p.generation.load(Ordering::Relaxed) != current)
+            .map(|p| base64::engine::general_purpose::STANDARD.encode(p.config.public_key))
+            .collect()
     }
 
     /// Counters.
@@ -246,15 +324,10 @@ impl WgDevice {
                 Some(p) if p.config == *c => p.clone(),
                 _ => {
                     let index = self.fresh_index(&peers, &next);
+                    let key = self.inner.keys().current;
                     Arc::new(Peer {
-                        tunn: Mutex::new(Tunn::new(
-                            self.inner.private.clone(),
-                            PublicKey::from(c.public_key),
-                            None,
-                            c.keepalive,
-                            index,
-                            Some(self.inner.rate_limiter.clone()),
-                        )),
+                        tunn: Mutex::new(key.tunn(c, index)),
+                        generation: AtomicU64::new(key.generation),
                         endpoint: Mutex::new(c.endpoint),
                         config: c.clone(),
                         index,
@@ -340,6 +413,10 @@ impl WgBackend for WgDevice {
 }
 
 impl Inner {
+    fn keys(&self) -> KeyRing {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn send_to(&self, data: &[u8], to: Option<SocketAddr>) {
         let Some(to) = to else { return };
         if let Err(e) = self.udp.try_send_to(data, to) {
@@ -347,11 +424,11 @@ impl Inner {
         }
     }
 
-    fn peer_for_datagram(&self, packet: &Packet<'_>) -> Option<Arc<Peer>> {
+    fn peer_for_datagram(&self, packet: &Packet<'_>, key: &StaticKey) -> Option<Arc<Peer>> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         match packet {
             Packet::HandshakeInit(init) => {
-                let half = parse_handshake_anon(&self.private, &self.public, init).ok()?;
+                let half = parse_handshake_anon(&key.private, &key.public, init).ok()?;
                 peers.by_key.get(&half.peer_static_public).cloned()
             }
             Packet::HandshakeResponse(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
@@ -363,18 +440,43 @@ impl Inner {
     /// Decapsulate one datagram from `from`. Returns whether it was accepted, and the length of
     /// a packet left in `out` for the tun interface (written by the caller without the lock).
     fn handle_datagram(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> (bool, usize) {
-        let packet = match self.rate_limiter.verify_packet(Some(from.ip()), datagram, out) {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                self.send_to(cookie, Some(from));
-                return (false, 0);
+        let ring = self.keys();
+        // Handshake MACs name the key the sender used: try the current key, then the previous.
+        let mut matched = None;
+        for key in std::iter::once(&ring.current).chain(ring.previous.as_ref()) {
+            match key.rate_limiter.verify_packet(Some(from.ip()), datagram, out) {
+                Ok(p) => {
+                    matched = Some((p, key));
+                    break;
+                }
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    self.send_to(cookie, Some(from));
+                    return (false, 0);
+                }
+                Err(_) => {}
             }
-            Err(_) => return (false, 0),
+        }
+        let Some((packet, key)) = matched else {
+            return (false, 0);
         };
-        let Some(peer) = self.peer_for_datagram(&packet) else {
+        let is_init = matches!(packet, Packet::HandshakeInit(_));
+        let Some(peer) = self.peer_for_datagram(&packet, key) else {
             return (false, 0);
         };
         let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        if is_init && peer.generation.load(Ordering::Relaxed) != key.generation {
+            // The peer initiates with another of our keys. Moving to the current key is always
+            // allowed (one way, so a replayed old initiation cannot pull it back); moving to the
+            // previous key only while the peer has no session on the current one (it was added
+            // after the rotation but was told the old key).
+            let to_current = key.generation == ring.current.generation;
+            if !to_current && tunn.stats().0.is_some() {
+                return (false, 0);
+            }
+            *tunn = key.tunn(&peer.config, peer.index);
+            peer.generation.store(key.generation, Ordering::Relaxed);
+            debug!(peer = %peer.config.allowed_ip, generation = key.generation, "wg: peer moved to another static key");
+        }
         let to_tun = match tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::Err(e) => {
                 debug!("wg: datagram from {from}: {e:?}");
@@ -486,7 +588,11 @@ async fn timer_loop(inner: Arc<Inner>) {
         tick.tick().await;
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(4) {
-            inner.rate_limiter.reset_count();
+            let ring = inner.keys();
+            ring.current.rate_limiter.reset_count();
+            if let Some(p) = &ring.previous {
+                p.rate_limiter.reset_count();
+            }
         }
         let peers: Vec<Arc<Peer>> = inner
             .peers

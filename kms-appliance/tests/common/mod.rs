@@ -97,6 +97,47 @@ pub async fn kms_tee(dir: &Path) -> KmsTee {
     }
 }
 
+/// A KMS's own TEE that booted as a dstack app (`app_id`, compose hash `[0xc5; 32]`, instance `[0x1e; 20]`):
+/// a simulated module (MRTD `mrtd_byte`) over a unix socket in `dir`, with its runtime events measured through
+/// the TEE into `dir/<name>-runtime.log`, so its RA-TLS certificates carry a replayable app identity.
+pub async fn kms_tee_app(dir: &Path, name: &str, mrtd_byte: u8, app_id: [u8; 20]) -> KmsTee {
+    let sim = Arc::new(booted(mrtd_byte));
+    let sock = dir.join(format!("{name}-sim.sock"));
+    let server = tokio::spawn(dstack_sim_tdx::serve_unix(
+        Arc::clone(&sim),
+        sock.clone(),
+        std::future::pending(),
+    ));
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tee: Arc<dyn dstack_tee::Tee> = Arc::new(SimulatedTee::new(&SimEndpoint::Unix(sock)));
+    let runtime_log = dir.join(format!("{name}-runtime.log"));
+    let log = dstack_tee::RuntimeEventLog::new(
+        Arc::clone(&tee),
+        &runtime_log,
+        dstack_measurements::eventlog::EventLogVersion::V1,
+    );
+    for (event, payload) in [
+        ("system-preparing", &b""[..]),
+        ("app-id", &app_id[..]),
+        ("compose-hash", &[0xc5; 32][..]),
+        ("instance-id", &[0x1e; 20][..]),
+        ("boot-mr-done", &b""[..]),
+        ("system-ready", &b""[..]),
+    ] {
+        log.measure(event, payload).await.unwrap();
+    }
+    KmsTee {
+        sim,
+        self_tee: SelfTee { tee, runtime_log },
+        _server: server,
+    }
+}
+
 pub fn write_pin(dir: &Path, name: &str, sim: &SimTdx) -> String {
     let p = dir.join(name);
     std::fs::write(&p, sim.root_cert_pem()).unwrap();
@@ -164,6 +205,16 @@ pub fn client_with(
     verifier: Arc<RaTlsServerVerifier>,
     client: Option<(CertificateDer<'static>, &KeyPair)>,
 ) -> KmsClient<Client> {
+    client_named(handle, verifier, client, DOMAIN)
+}
+
+/// Like [`client_with`] for a KMS whose RPC certificate is for `server_name`.
+pub fn client_named(
+    handle: &KmsHandle,
+    verifier: Arc<RaTlsServerVerifier>,
+    client: Option<(CertificateDer<'static>, &KeyPair)>,
+    server_name: &str,
+) -> KmsClient<Client> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -183,7 +234,7 @@ pub fn client_with(
         Client::new(&url)
             .unwrap()
             .with_tls(Arc::new(cfg))
-            .with_server_name(DOMAIN)
+            .with_server_name(server_name)
             .unwrap(),
     )
 }

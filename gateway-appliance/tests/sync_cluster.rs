@@ -1,0 +1,353 @@
+//! Three gateway nodes in one process, on loopback, syncing over mutually attested RA-TLS: every
+//! node and every CVM has its own in-process simulated TDX module (`dstack-sim-tdx`), and every
+//! certificate is verified against the pinned simulator roots.
+//!
+//! Node 1 starts alone, node 2 joins through node 1, node 3 joins late through node 2 and catches
+//! up; a registration at node 1 reaches nodes 2 and 3; node 2 is killed and registration, sync and
+//! routing carry on through nodes 1 and 3, whose answers to CVMs stop listing node 2.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, rpc_router_with_sync, server_config};
+use dstack_gateway::config::GatewayConfig;
+use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgBackend, WgError, WgPeer};
+use dstack_gateway::routing::RoutingTable;
+use dstack_gateway::sync::{SameAppServerVerifier, SyncService, Syncer, client_tls};
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CertAttestation, CertRequest, ra_tls_report_data};
+use dstack_rpc::Client;
+use dstack_rpc::gateway::{GatewayClient, GatewayState, GatewaySyncClient, RegisterCvmRequest, RegisterCvmResponse};
+use dstack_sim_tdx::{SimTdx, fixture};
+use rcgen::{KeyPair, PublicKeyData};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+const GW_APP: [u8; 20] = [0x9a; 20];
+const CVM_APP: [u8; 20] = [0xa1; 20];
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+struct RecordingWg(Mutex<Vec<WgPeer>>);
+impl WgBackend for RecordingWg {
+    fn set_peers(&self, peers: &[WgPeer]) -> Result<(), WgError> {
+        *self.0.lock().unwrap() = peers.to_vec();
+        Ok(())
+    }
+    fn latest_handshakes(&self) -> HashMap<String, SystemTime> {
+        HashMap::new()
+    }
+}
+
+fn sim(app: &[u8; 20], instance: u8) -> SimTdx {
+    let s = fixture::booted(0x11, 0x50).unwrap();
+    fixture::measure_dstack_boot(&s, app, &[0xc0; 32], &[instance; 20]).unwrap();
+    s
+}
+
+/// A self-signed RA-TLS certificate (server and client use) quoted by `sim`.
+fn ra_cert(sim: &SimTdx, subject: &str) -> (CertificateDer<'static>, KeyPair) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let rd = ra_tls_report_data(&key.subject_public_key_info());
+    let req = CertRequest {
+        subject: subject.into(),
+        alt_names: vec!["127.0.0.1".into()],
+        usage_server_auth: true,
+        usage_client_auth: true,
+        attestation: Some(CertAttestation {
+            quote: sim.quote(&rd).unwrap(),
+            event_log: sim.full_event_log(),
+        }),
+        ..Default::default()
+    };
+    (req.self_signed(&key).unwrap().der().clone(), key)
+}
+
+fn pkcs8(k: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()))
+}
+
+fn wg_key(n: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([n; 32])
+}
+
+struct Node {
+    id: u32,
+    url: String,
+    registrar: Arc<Registrar>,
+    table: RoutingTable,
+    wg: Arc<RecordingWg>,
+    certs: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    fn kill(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn start_node(id: u32, gw_sim: &SimTdx, verifier: Arc<AttestationVerifier>, bootnodes: &[&str]) -> Node {
+    let (cert, key) = ra_cert(gw_sim, "dstack-gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let boot: Vec<String> = bootnodes.iter().map(|b| format!("{b:?}")).collect();
+    let toml = format!(
+        "[core]\nrpc_domain = \"gw{id}.test\"\n\
+         [core.wg]\npublic_key = \"{pk}\"\nip = \"10.0.0.{ip}/24\"\nendpoint = \"192.0.2.{id}:51820\"\n\
+         [core.proxy]\nbase_domain = \"app.test\"\n\
+         [core.sync]\nenabled = true\nnode_id = {id}\nmy_url = \"{url}\"\nbootnodes = [{boot}]\n\
+         interval = \"300ms\"\ntimeout = \"2s\"\nnode_timeout = \"3s\"\ngateway_app_id = \"{app}\"\n",
+        pk = wg_key(200 + id as u8),
+        ip = 128 + id,
+        boot = boot.join(", "),
+        app = hex::encode(GW_APP),
+    );
+    let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
+    let wg = Arc::new(RecordingWg::default());
+    let table = RoutingTable::new();
+    let registrar = Arc::new(Registrar::new(
+        cfg,
+        table.clone(),
+        Box::new(RaTlsIdentity::new(verifier.clone())),
+        wg.clone(),
+        AdmissionPolicy::default(),
+    ));
+    let certs = Arc::new(Mutex::new(Vec::new()));
+    let seen = certs.clone();
+    registrar.set_cert_hook(Box::new(move |c| seen.lock().unwrap().push(c.chain_pem.clone())));
+
+    let sync = SyncService::new(
+        registrar.clone(),
+        Box::new(RaTlsIdentity::new(verifier.clone())),
+        &hex::encode(GW_APP),
+    )
+    .unwrap();
+    let tls = server_config(
+        ServerIdentity {
+            chain: vec![cert.clone()],
+            key: pkcs8(&key),
+        },
+        Vec::new(),
+    )
+    .unwrap();
+    let router = Arc::new(rpc_router_with_sync(registrar.clone(), sync));
+    let server = tokio::spawn(async move {
+        let _ = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await;
+    });
+    let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &hex::encode(GW_APP)).unwrap();
+    let syncer = Syncer::new(
+        registrar.clone(),
+        client_tls(peer_verifier, vec![cert], pkcs8(&key)).unwrap(),
+    );
+    let sync_task = tokio::spawn(syncer.run(Duration::from_millis(300)));
+    Node {
+        id,
+        url,
+        registrar,
+        table,
+        wg,
+        certs,
+        tasks: vec![server, sync_task],
+    }
+}
+
+/// A CVM's client: its RA-TLS certificate, and the gateway checked for the gateway app's identity.
+fn cvm_client(node: &Node, verifier: &Arc<AttestationVerifier>, cvm: &SimTdx) -> GatewayClient<Client> {
+    let (cert, key) = ra_cert(cvm, "dstack-guest-agent");
+    let v = SameAppServerVerifier::new(verifier.clone(), Vec::new(), &hex::encode(GW_APP)).unwrap();
+    let tls = client_tls(v, vec![cert], pkcs8(&key)).unwrap();
+    GatewayClient::new(Client::new(&format!("{}/prpc", node.url)).unwrap().with_tls(tls))
+}
+
+async fn register(node: &Node, verifier: &Arc<AttestationVerifier>, cvm: &SimTdx, k: u8) -> RegisterCvmResponse {
+    cvm_client(node, verifier, cvm)
+        .register_cvm(RegisterCvmRequest {
+            client_public_key: wg_key(k),
+            port_policy: None,
+        })
+        .await
+        .unwrap()
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn live_ids(n: &Node) -> Vec<u32> {
+    n.registrar.live_nodes().iter().map(|n| n.id).collect()
+}
+
+fn servers(r: &RegisterCvmResponse) -> Vec<String> {
+    let mut v: Vec<String> =
+        r.wg.as_ref()
+            .unwrap()
+            .servers
+            .iter()
+            .map(|s| s.endpoint.clone())
+            .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_state_catch_up_and_route_around_a_dead_node() {
+    // Every simulated module has its own signing root; the verifier pins them all.
+    let gw_sims: Vec<SimTdx> = (1..=3).map(|i| sim(&GW_APP, 0x40 + i)).collect();
+    let cvm_a = sim(&CVM_APP, 0x0a);
+    let cvm_b = sim(&CVM_APP, 0x0b);
+    let mut pins: Vec<_> = gw_sims.iter().map(SimTdx::root_pin).collect();
+    pins.extend([cvm_a.root_pin(), cvm_b.root_pin()]);
+    let verifier = Arc::new(AttestationVerifier::new(AttestationPolicy {
+        allow_simulated: true,
+        simulated_roots: pins,
+        ..Default::default()
+    }));
+
+    let n1 = start_node(1, &gw_sims[0], verifier.clone(), &[]).await;
+    let mut n2 = start_node(2, &gw_sims[1], verifier.clone(), &[&n1.url]).await;
+    wait_for("nodes 1 and 2 know each other", || {
+        live_ids(&n1) == [1, 2] && live_ids(&n2) == [1, 2]
+    })
+    .await;
+
+    // Registration on node 1: the CVM is told about both nodes, and node 2 carries it too.
+    let a = register(&n1, &verifier, &cvm_a, 1).await;
+    assert_eq!(servers(&a), ["192.0.2.1:51820", "192.0.2.2:51820"]);
+    let a_ip = a.wg.as_ref().unwrap().client_ip.clone();
+    assert_eq!(a_ip, "10.0.0.2");
+    let inst_a = hex::encode([0x0a; 20]);
+    wait_for("node 2 routes CVM a", || n2.table.get(&inst_a).is_some()).await;
+    assert_eq!(n2.table.get(&inst_a).unwrap().app_id, hex::encode(CVM_APP));
+    assert_eq!(
+        n2.wg.0.lock().unwrap().as_slice(),
+        [WgPeer {
+            public_key: wg_key(1),
+            ip: a_ip.parse().unwrap()
+        }],
+        "node 2's WireGuard has CVM a as a peer"
+    );
+
+    // A certificate published on node 1 (as after an ACME renewal).
+    n1.registrar.publish_cert("app.test", "CHAIN-1".into(), "KEY-1".into());
+
+    // Node 3 joins late, knowing only node 2, and catches up on everything.
+    let n3 = start_node(3, &gw_sims[2], verifier.clone(), &[&n2.url]).await;
+    wait_for("node 3 caught up", || {
+        n3.table.get(&inst_a).is_some() && n3.registrar.cert("app.test").is_some() && live_ids(&n3) == [1, 2, 3]
+    })
+    .await;
+    assert_eq!(
+        n3.certs.lock().unwrap().as_slice(),
+        ["CHAIN-1"],
+        "cert hook installed it"
+    );
+    assert_eq!(n3.registrar.cert("app.test").unwrap().key_pem, "KEY-1");
+    assert_eq!(n3.wg.0.lock().unwrap().len(), 1);
+    wait_for("node 1 learns of node 3 through the others", || {
+        live_ids(&n1) == [1, 2, 3]
+    })
+    .await;
+    let again = register(&n3, &verifier, &cvm_a, 1).await;
+    assert_eq!(again.wg.as_ref().unwrap().client_ip, a_ip, "same address from any node");
+    assert_eq!(servers(&again).len(), 3);
+
+    // Node 2 dies.
+    n2.kill();
+    let t_kill = Instant::now();
+    // Registration on node 3 still reaches node 1 promptly: the dead peer delays nothing.
+    let b = register(&n3, &verifier, &cvm_b, 2).await;
+    let b_ip = b.wg.as_ref().unwrap().client_ip.clone();
+    assert_ne!(b_ip, a_ip);
+    let inst_b = hex::encode([0x0b; 20]);
+    wait_for("node 1 routes CVM b", || n1.table.get(&inst_b).is_some()).await;
+    assert!(
+        t_kill.elapsed() < Duration::from_secs(3),
+        "sync with a dead peer took {:?}",
+        t_kill.elapsed()
+    );
+    // Node 1 routes to both CVMs over its tunnel addresses.
+    let route = n1
+        .table
+        .resolve(&inst_b, 8080, SystemTime::now(), 3, Duration::from_secs(1800))
+        .unwrap();
+    assert_eq!(route.preferred[0].addr.to_string(), format!("{b_ip}:8080"));
+    assert!(
+        n1.table
+            .resolve(&inst_a, 80, SystemTime::now(), 3, Duration::from_secs(1800))
+            .is_ok()
+    );
+    // After node_timeout, CVMs are no longer sent to node 2.
+    wait_for("node 2 considered down", || {
+        live_ids(&n1) == [1, 3] && live_ids(&n3) == [1, 3]
+    })
+    .await;
+    let refreshed = register(&n1, &verifier, &cvm_b, 2).await;
+    assert_eq!(servers(&refreshed), ["192.0.2.1:51820", "192.0.2.3:51820"]);
+    assert_eq!(refreshed.wg.unwrap().client_ip, b_ip);
+    let gateways: Vec<u32> = refreshed.gateways.iter().map(|g| g.id).collect();
+    assert_eq!(gateways, [1, 3]);
+    // Both survivors carry both CVMs as WireGuard peers.
+    for n in [&n1, &n3] {
+        let peers: Vec<Ipv4Addr> = n.wg.0.lock().unwrap().iter().map(|p| p.ip).collect();
+        assert_eq!(peers.len(), 2, "node {} peers {peers:?}", n.id);
+    }
+}
+
+/// `UpdateState` requires the caller to attest the gateway app: a CVM (another app) is refused
+/// and nothing it sent is merged; a node refuses to talk to a server of another app.
+#[tokio::test]
+async fn sync_refuses_peers_of_another_app() {
+    let gw_sim = sim(&GW_APP, 0x41);
+    let cvm = sim(&CVM_APP, 0x0a);
+    let verifier = Arc::new(AttestationVerifier::new(AttestationPolicy {
+        allow_simulated: true,
+        simulated_roots: vec![gw_sim.root_pin(), cvm.root_pin()],
+        ..Default::default()
+    }));
+    let node = start_node(1, &gw_sim, verifier.clone(), &[]).await;
+    let (cert, key) = ra_cert(&cvm, "dstack-guest-agent");
+    let v = SameAppServerVerifier::new(verifier.clone(), Vec::new(), &hex::encode(GW_APP)).unwrap();
+    let client = Client::new(&format!("{}/prpc", node.url))
+        .unwrap()
+        .with_tls(client_tls(v, vec![cert.clone()], pkcs8(&key)).unwrap());
+    let mut forged = node.registrar.snapshot();
+    forged.sender_id = 9;
+    forged.certs.push(dstack_rpc::gateway::SyncCert {
+        domain: "app.test".into(),
+        chain_pem: "EVIL".into(),
+        key_pem: "EVIL".into(),
+        updated_ms: u64::MAX,
+        origin: 9,
+    });
+    let err = GatewaySyncClient::new(client).update_state(forged).await.unwrap_err();
+    assert!(err.to_string().contains("sync refused"), "{err}");
+    assert!(node.registrar.cert("app.test").is_none());
+
+    // Client side: a peer whose server certificate attests another app fails the handshake.
+    let v = SameAppServerVerifier::new(verifier, Vec::new(), &hex::encode([0x55; 20])).unwrap();
+    let (gcert, gkey) = ra_cert(&gw_sim, "dstack-gateway");
+    let client = Client::new(&format!("{}/prpc", node.url))
+        .unwrap()
+        .with_tls(client_tls(v, vec![gcert], pkcs8(&gkey)).unwrap());
+    let err = GatewaySyncClient::new(client)
+        .update_state(GatewayState::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("expected"), "{err}");
+}
