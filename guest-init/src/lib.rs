@@ -11,6 +11,7 @@ pub mod backends;
 pub mod boot;
 pub mod cmdline;
 pub mod log;
+pub mod net;
 pub mod pid1;
 pub mod proc;
 pub mod supervisor;
@@ -22,6 +23,9 @@ use boot::config::HostSharedSource;
 use boot::{BootEnv, DataDisk};
 use cmdline::Cmdline;
 use pid1::{InitState, PowerAction};
+
+/// How long the boot waits for a DHCP lease.
+pub const NET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Default host-shared location when the command line names none.
 pub const DEFAULT_HOST_SHARED: &str = "/dstack/.host-shared-src";
@@ -48,14 +52,38 @@ pub fn boot_thread(state: Arc<InitState>, cmdline: Cmdline) {
             host_api: cmdline.host_api.clone(),
             start_app: true,
         };
-        // The TEE is chosen explicitly (`dstack.tee=`; TDX when present); without one the boot stops here.
-        let tee_cfg = dstack_tee::TeeConfig::system().map_err(|e| e.to_string())?;
+        // The network is untrusted plumbing (DHCP from the host); it must be up before the KMS step.
+        match net::configure(std::path::Path::new("/"), NET_TIMEOUT) {
+            Ok(n) => tracing::info!(
+                "network: {} {}/{} via {:?}, dns {:?} (DHCP in {:?})",
+                n.interface,
+                n.address,
+                n.prefix_len,
+                n.gateway,
+                n.dns,
+                n.elapsed
+            ),
+            Err(e @ net::NetError::NoInterface { .. }) => tracing::warn!("network: {e}; continuing without one"),
+            Err(e) => return Err(format!("network: {e}")),
+        }
+        let shared = boot::intake(&env).map_err(|e| e.to_string())?;
+        // The TEE is chosen explicitly: `dstack.tee=` on the command line, else the host config's `tee`
+        // (the VM manager names its simulated TDX module there), else TDX when present; without one the
+        // boot stops here.
+        let mut tee_cfg = dstack_tee::TeeConfig::system().map_err(|e| e.to_string())?;
+        if tee_cfg.request == dstack_tee::TeeRequest::Auto
+            && let Some(sel) = &shared.sys_config.tee
+        {
+            tee_cfg.request = dstack_tee::TeeRequest::parse(sel).map_err(|e| format!("sys-config tee: {e}"))?;
+        }
         let tee = dstack_tee::detect(&tee_cfg).map_err(|e| e.to_string())?;
         tracing::info!("TEE: {}", tee.kind().as_str());
         let backends = backends::Backends::new(tee, dstack_tee::RUNTIME_EVENT_LOG_FILE, None)
             .map_err(|e| format!("runtime: {e}"))?;
         let deps = backends.deps(Some(&state));
-        let result = boot::run(&env, &deps).map(|_| ()).map_err(|e| e.to_string());
+        let result = boot::run_from(&env, &deps, shared)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         // The agent and the KMS signer live on the backends' runtime: keep it for the life of PID 1.
         std::mem::forget(backends);
         result

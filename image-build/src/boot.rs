@@ -51,6 +51,10 @@ pub const DOCKER_MODULES: &[&str] = &[
     "xt_addrtype",
     "xt_MASQUERADE",
     "xt_nat",
+    // `-p tcp --dport` in Docker's port-publishing rules.
+    "xt_tcpudp",
+    "xt_comment",
+    "xt_mark",
 ];
 
 /// Errors building the kernel and initramfs.

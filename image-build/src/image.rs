@@ -138,12 +138,14 @@ pub struct BuildRecord {
     pub rootfs_data_size: Option<u64>,
 }
 
-/// The kernel command line for a rootfs (dstack's parameter names).
+/// The kernel command line for a rootfs (dstack's parameter names). The disk order is the VM manager's
+/// (rootfs, data disk, host-shared config), fixed here so the measured command line is the one the VM
+/// really boots with.
 pub fn cmdline(rootfs: Option<&rootfs::Rootfs>) -> String {
     let mut c = String::from("console=ttyS0 panic=1");
     if let Some(r) = rootfs {
         c.push_str(&format!(
-            " dstack.rootfs_hash={} dstack.rootfs_size={}",
+            " dstack.rootfs_hash={} dstack.rootfs_size={} dstack.data_device=/dev/vdb dstack.host_shared=/dev/vdc",
             r.root_hash, r.data_size
         ));
     }
@@ -328,7 +330,8 @@ mod tests {
         assert_eq!(
             cmdline(Some(&r)),
             format!(
-                "console=ttyS0 panic=1 dstack.rootfs_hash={} dstack.rootfs_size=8192",
+                "console=ttyS0 panic=1 dstack.rootfs_hash={} dstack.rootfs_size=8192 \
+                 dstack.data_device=/dev/vdb dstack.host_shared=/dev/vdc",
                 "ab".repeat(32)
             )
         );

@@ -243,13 +243,7 @@ impl SimTdx {
     /// A module whose signer lives in `state_dir` (created 0700; the key bundle is 0600 and reused across
     /// restarts), with the root certificate exported to `state_dir/sim-root.pem` for verifiers to pin.
     pub fn open(init: &InitialState, state_dir: &Path) -> Result<Self, SimTdxError> {
-        create_private_dir(state_dir)?;
-        let signer_path = state_dir.join(SIGNER_FILE);
-        let signer = SimulatedQuoteSigner::load_or_generate(&signer_path)?;
-        let root_path = root_cert_path(state_dir);
-        std::fs::write(&root_path, signer.root_cert_pem())
-            .map_err(io_err(format!("writing {}", root_path.display())))?;
-        Self::new(init, signer)
+        Self::new(init, ensure_signer(state_dir)?)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -347,6 +341,16 @@ impl SimTdx {
     pub fn root_pin(&self) -> SimRootPin {
         self.signer.root_pin()
     }
+}
+
+/// Loads the signer kept in `state_dir` (generating it on first use) and exports its root certificate to
+/// [`root_cert_path`], so verifiers can pin it before any VM starts.
+pub fn ensure_signer(state_dir: &Path) -> Result<SimulatedQuoteSigner, SimTdxError> {
+    create_private_dir(state_dir)?;
+    let signer = SimulatedQuoteSigner::load_or_generate(&state_dir.join(SIGNER_FILE))?;
+    let root_path = root_cert_path(state_dir);
+    std::fs::write(&root_path, signer.root_cert_pem()).map_err(io_err(format!("writing {}", root_path.display())))?;
+    Ok(signer)
 }
 
 /// Where [`SimTdx::open`] exports the root certificate.

@@ -94,6 +94,11 @@ pub struct SysConfig {
     pub mr_config: Option<String>,
     /// JSON-serialized [`VmConfig`] (kept as a string: it is passed on verbatim to the KMS).
     pub vm_config: String,
+    /// Ours: the TEE selector (`dstack.tee` grammar, e.g. `simulated:vsock:2:10001`) used when the kernel
+    /// command line names none. Unmeasured on purpose and harmless: a simulated TEE is refused on a machine
+    /// that has TDX, and simulated quotes are refused by every verifier unless it allows simulation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tee: Option<String>,
 }
 
 /// Attestation collateral endpoints.

@@ -204,6 +204,15 @@ pub fn setup_storage(env: &BootEnv, keys: &AppKeys, state: Option<&InitState>) -
 /// Steps 2–7: everything up to the decrypted env. Reports `boot.error` on failure.
 pub fn prepare(env: &BootEnv, deps: &Deps<'_>) -> Result<(BootReport, Box<dyn Notifier>), BootError> {
     let shared = intake(env)?;
+    prepare_from(env, deps, shared)
+}
+
+/// Steps 3–7 after [`intake`] (PID 1 reads the host's files first: they may name the simulated TEE).
+pub fn prepare_from(
+    env: &BootEnv,
+    deps: &Deps<'_>,
+    shared: HostShared,
+) -> Result<(BootReport, Box<dyn Notifier>), BootError> {
     let endpoint = env.host_api.clone().or_else(|| shared.sys_config.host_api_url.clone());
     let notifier = notify::for_endpoint(endpoint.as_deref());
     match prepare_inner(env, deps, shared, notifier.as_ref()) {
@@ -345,7 +354,13 @@ pub fn start_app(env: &BootEnv, report: &BootReport, state: &InitState, n: &dyn 
 
 /// The whole sequence; on error `boot.error` has been sent.
 pub fn run(env: &BootEnv, deps: &Deps<'_>) -> Result<BootReport, BootError> {
-    let (report, notifier) = prepare(env, deps)?;
+    let shared = intake(env)?;
+    run_from(env, deps, shared)
+}
+
+/// [`run`] after [`intake`].
+pub fn run_from(env: &BootEnv, deps: &Deps<'_>, shared: HostShared) -> Result<BootReport, BootError> {
+    let (report, notifier) = prepare_from(env, deps, shared)?;
     if let Some(agent) = deps.agent {
         notifier.notify("boot.progress", "starting guest agent");
         if let Err(e) = agent.start(env, &report).map_err(step_err("guest agent")) {

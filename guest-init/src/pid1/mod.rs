@@ -200,9 +200,19 @@ fn signal_set() -> SigSet {
     set
 }
 
+/// `PATH` for PID 1 and everything it starts (Debian's default for root).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Runs PID 1 until shutdown. Never returns.
 pub fn run(opts: Pid1Options, boot: impl FnOnce(Arc<InitState>, Cmdline) + Send + 'static) -> ! {
     let is_pid1 = nix::unistd::getpid().as_raw() == 1;
+    if is_pid1 && std::env::var_os("PATH").is_none() {
+        // The kernel starts init without PATH; the tools the boot runs (blkid, cryptsetup, mkfs.ext4,
+        // dockerd) live in the sbin directories, which a default exec search would miss.
+        // SAFETY: no other thread exists yet (this is the first thing PID 1 does), so nothing can read the
+        // environment concurrently.
+        unsafe { std::env::set_var("PATH", DEFAULT_PATH) };
+    }
     // Before any thread exists, so every thread inherits the mask.
     let set = signal_set();
     let _ = set.thread_block();

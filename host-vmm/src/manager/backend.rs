@@ -123,7 +123,22 @@ pub struct Disk {
     pub read_only: bool,
 }
 
-/// The disks and the kernel command line both backends use.
+/// The kernel command line a VM of `image` boots with: the image's own (measured, and naming the data and
+/// host-shared disks in our disk order), or for images whose command line names no disks, the image's
+/// plus the two device parameters. The simulated TDX module predicts RTMR2 from this same string.
+pub fn effective_cmdline(image: &Image) -> Result<String, BackendError> {
+    let mut cmdline = image.metadata.cmdline.trim().to_owned();
+    let names = |p: &str| cmdline.split_whitespace().any(|w| w.starts_with(p));
+    if !names("dstack.data_device=") && !names("dstack.host_shared=") {
+        let first = if image.rootfs()?.is_some() { b'b' } else { b'a' };
+        let dev = |i: u8| format!("/dev/vd{}", char::from(first + i));
+        cmdline.push_str(&format!(" dstack.data_device={} dstack.host_shared={}", dev(0), dev(1)));
+    }
+    Ok(cmdline)
+}
+
+/// The disks (rootfs if any, data disk, host-shared config, in this order) and the kernel command line
+/// both backends use.
 pub fn disks_and_cmdline(input: &LaunchInput<'_>) -> Result<(Vec<Disk>, String), BackendError> {
     let mut disks = Vec::new();
     if let Some(rootfs) = input.image.rootfs()? {
@@ -132,22 +147,15 @@ pub fn disks_and_cmdline(input: &LaunchInput<'_>) -> Result<(Vec<Disk>, String),
             read_only: true,
         });
     }
-    let dev = |i: usize| format!("/dev/vd{}", char::from(b'a' + i as u8));
-    let data_dev = dev(disks.len());
     disks.push(Disk {
         path: input.workdir.data_disk(),
         read_only: false,
     });
-    let shared_dev = dev(disks.len());
     disks.push(Disk {
         path: shared_image_path(input.workdir),
         read_only: true,
     });
-    let mut cmdline = input.image.metadata.cmdline.clone();
-    cmdline.push_str(&format!(
-        " dstack.data_device={data_dev} dstack.host_shared={shared_dev}"
-    ));
-    Ok((disks, cmdline.trim().to_owned()))
+    Ok((disks, effective_cmdline(input.image)?))
 }
 
 /// The read-only erofs image of `shared/` given to the guest as a disk.
@@ -415,6 +423,23 @@ mod tests {
             ports,
             default_host_address: "127.0.0.1",
         }
+    }
+
+    #[test]
+    fn effective_cmdline_keeps_an_image_that_names_its_disks() {
+        let dir = Path::new("/r");
+        let mut img = image(dir, true);
+        assert_eq!(
+            effective_cmdline(&img).unwrap(),
+            "console=ttyS0 panic=1 dstack.data_device=/dev/vdb dstack.host_shared=/dev/vdc"
+        );
+        assert_eq!(
+            effective_cmdline(&image(dir, false)).unwrap(),
+            "console=ttyS0 panic=1 dstack.data_device=/dev/vda dstack.host_shared=/dev/vdb"
+        );
+        // image-build writes the device parameters into the measured command line: used verbatim.
+        img.metadata.cmdline = "console=ttyS0 dstack.data_device=/dev/vdb dstack.host_shared=/dev/vdc".into();
+        assert_eq!(effective_cmdline(&img).unwrap(), img.metadata.cmdline);
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //! port = 10000
 //! [sim_tdx]
 //! port = 10001
+//! state_dir = "./run/vm/.sim-tdx"   # the host's simulated attestation key and sim-root.pem
 //! [auth]
 //! enabled = false
 //! tokens = []
@@ -354,11 +355,27 @@ impl Default for HostApiConfig {
 pub struct SimTdxConfig {
     /// Default 10001 (ours: next to the host API; dstack's QGS port 4050 carries a different protocol).
     pub port: u32,
+    /// Where the host's one simulated attestation key lives (`sim-signer.pem`, 0600) with the root
+    /// certificate verifiers pin (`sim-root.pem`). Default `<cvm.run_path>/.sim-tdx`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for SimTdxConfig {
     fn default() -> Self {
-        Self { port: 10001 }
+        Self {
+            port: 10001,
+            state_dir: None,
+        }
+    }
+}
+
+impl VmmConfig {
+    /// The simulated TDX module's state directory (see [`SimTdxConfig::state_dir`]).
+    pub fn sim_tdx_state_dir(&self) -> PathBuf {
+        self.sim_tdx
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.cvm.run_path.join(".sim-tdx"))
     }
 }
 

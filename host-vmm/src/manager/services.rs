@@ -71,7 +71,13 @@ pub fn initial_state(image: Option<&Image>, vm_id: &str, vcpus: u32, memory_mb: 
             vcpus,
             memory_bytes: u64::from(memory_mb) << 20,
         };
-        match ImageFiles::load(&image.dir).and_then(|files| Ok(files.predict(&shape)?)) {
+        let files = ImageFiles::load(&image.dir)
+            .map_err(|e| e.to_string())
+            .and_then(|mut files| {
+                files.cmdline = super::backend::effective_cmdline(image).map_err(|e| e.to_string())?;
+                files.predict(&shape).map_err(|e| e.to_string())
+            });
+        match files {
             Ok(prediction) => {
                 info!(
                     "VM {vm_id}: simulated TDX module starts from the predicted measurements of image {} \
@@ -140,7 +146,8 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
 
     let image = Image::load(&cfg.image.path, &ctx.image).ok();
     let init = initial_state(image.as_ref(), &ctx.id, ctx.vcpu, ctx.memory_mb);
-    let sim = SimTdx::open(&init, &ctx.wd.sim_tdx_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
+    // One simulated attestation key per host (not per VM), so a KMS pins one root for all of them.
+    let sim = SimTdx::open(&init, &cfg.sim_tdx_state_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
     let path = ctx.wd.vsock_port_path(cfg.sim_tdx.port);
     let listener =
         dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("sim-tdx socket {}: {e}", path.display()))?;
@@ -284,6 +291,8 @@ pub fn write_sys_config(
         host_api_url: Some(format!("vsock://2:{}/api", cfg.host_api.port)),
         mr_config: None,
         vm_config: vm_config.to_json_string(),
+        // Every backend here runs the simulated TDX module beside the VM (the TDX backend will not).
+        tee: Some(format!("simulated:vsock:2:{}", cfg.sim_tdx.port)),
     };
     let json = serde_json::to_vec_pretty(&sys).map_err(|e| ManagerError::Other(e.to_string()))?;
     Ok(wd.write_shared(sf::SYS_CONFIG, &json)?)

@@ -72,10 +72,6 @@ impl Workdir {
     pub fn vhost_user_sock(&self) -> PathBuf {
         self.0.join("vhost-vsock.sock")
     }
-    /// Simulated TDX module's keys and root certificate.
-    pub fn sim_tdx_dir(&self) -> PathBuf {
-        self.0.join("sim-tdx")
-    }
     /// Marker written before deletion so a crash mid-removal does not resurrect the VM.
     pub fn removing_marker(&self) -> PathBuf {
         self.0.join(".removing")

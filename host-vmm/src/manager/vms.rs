@@ -121,6 +121,14 @@ impl Manager {
         config.validate().map_err(|e| ManagerError::Other(e.to_string()))?;
         let run_path = config.cvm.run_path.clone();
         std::fs::create_dir_all(&run_path).map_err(|e| ManagerError::Other(format!("{}: {e}", run_path.display())))?;
+        // The simulated TDX module's root exists before any VM starts, so a KMS can pin it up front.
+        let sim_dir = config.sim_tdx_state_dir();
+        dstack_sim_tdx::ensure_signer(&sim_dir)
+            .map_err(|e| ManagerError::Other(format!("simulated TDX module key in {}: {e}", sim_dir.display())))?;
+        info!(
+            "simulated TDX module root certificate (pin it in verifiers that allow simulation): {}",
+            dstack_sim_tdx::root_cert_path(&sim_dir).display()
+        );
         let mut cids = CidPool::new(config.cvm.cid_start, config.cvm.cid_pool_size);
         let mut vms = BTreeMap::new();
         let entries =
@@ -342,6 +350,9 @@ impl Manager {
     /// Starts processes and host services for `vm` and marks it running.
     fn launch(self: &Arc<Self>, vm: &mut Vm) -> Result<(), ManagerError> {
         let image = Image::load(&self.config.image.path, &vm.manifest.config.image)?;
+        // The image may have been rebuilt under the same name since the last start: vm_config's
+        // os_image_hash must name what boots now (the KMS checks it against the measurements).
+        services::write_sys_config(&self.config, &vm.wd, &vm.manifest.config, &image)?;
         let c = &vm.manifest.config;
         let input = LaunchInput {
             workdir: &vm.wd,
