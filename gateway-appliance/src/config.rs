@@ -94,6 +94,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+pub use dstack_wg::Cidr;
 use thiserror::Error;
 
 /// Config loading errors.
@@ -504,73 +506,6 @@ impl GatewayConfig {
             source,
         })?;
         Self::from_toml(&text)
-    }
-}
-
-/// An IPv4 network `a.b.c.d/len` (WireGuard addressing is IPv4 here, as in dstack).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    /// Address as written (host bits may be set, e.g. the gateway's own `10.0.0.1/24`).
-    pub addr: Ipv4Addr,
-    /// Prefix length 0..=32.
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Construct; `prefix` is clamped to 32.
-    pub const fn v4(addr: Ipv4Addr, prefix: u8) -> Self {
-        Self {
-            addr,
-            prefix: if prefix > 32 { 32 } else { prefix },
-        }
-    }
-
-    fn mask(&self) -> u32 {
-        if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        }
-    }
-
-    /// First address of the network.
-    pub fn network(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) & self.mask())
-    }
-
-    /// Last address of the network.
-    pub fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
-    }
-
-    /// Whether `ip` is inside.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let prefix: u8 = prefix.trim().parse().map_err(|e| format!("{s:?}: prefix: {e}"))?;
-        if prefix > 32 {
-            return Err(format!("{s:?}: prefix longer than 32"));
-        }
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -54,9 +54,7 @@ pub struct WgPeer {
 }
 
 /// Data-plane errors.
-#[derive(Debug, Error)]
-#[error("wireguard: {0}")]
-pub struct WgError(pub String);
+pub use dstack_wg::WgError;
 
 /// The WireGuard data plane (boringtun in-process, or kernel WireGuard via `wg syncconf`).
 pub trait WgBackend: Send + Sync + 'static {

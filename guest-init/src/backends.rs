@@ -40,6 +40,7 @@ pub struct Backends {
     pub measurer: Arc<TeeMeasurer>,
     pub kms: KmsKeySource,
     pub agent: GuestAgent,
+    pub gateway: crate::boot::gateway::Gateway,
 }
 
 impl std::fmt::Debug for Backends {
@@ -76,6 +77,7 @@ impl Backends {
                 rt: rt.handle().clone(),
                 running: Mutex::new(None),
             },
+            gateway: crate::boot::gateway::Gateway::new(Arc::clone(&measurer), rt.handle().clone()),
             measurer,
             rt,
         })
@@ -88,6 +90,7 @@ impl Backends {
             kms: Some(&self.kms),
             state,
             agent: Some(&self.agent),
+            gateway: Some(&self.gateway),
         }
     }
 }

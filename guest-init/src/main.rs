@@ -1,19 +1,25 @@
 //! `guest-init`: as PID 1 (the initramfs `/init`) it runs the CVM; `guest-init init [options]` runs the
-//! same PID 1 logic with test options (inside a PID + mount namespace); `guest-init agent …` will host the
-//! guest agent. As PID 1, arguments the kernel passes (unrecognized command line words) are ignored unless
-//! the first one is `init`.
+//! same PID 1 logic with test options (inside a PID + mount namespace); `guest-init agent --simulate …` runs
+//! the guest agent alone on a host with a simulated TEE and a generated app identity (like dstack's
+//! simulator), so SDK users can develop without a CVM. As PID 1, arguments the kernel passes (unrecognized
+//! command line words) are ignored unless the first one is `init`.
+//!
+//! `agent` options: `--simulate --socket PATH [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]`
+//! (the same code as `dstack-guest-agent --simulate`: `dstack_guest_agent::simulate`). It prints one JSON line
+//! (simulator root pin, KMS root CA, identities) on stdout once the sockets accept connections.
 //!
 //! `init` options: `--root DIR` (mount prefix), `--no-switch-root`, `--no-boot`, `--log-file FILE`,
 //! `--service NAME=PROGRAM[,ARG…]` (extra supervised service, repeatable).
 
 use std::path::PathBuf;
 
+use dstack_guest_agent::simulate::{SimulateOptions, run_simulator_blocking};
 use guest_init::pid1::{self, Pid1Options};
 use guest_init::supervisor::ServiceSpec;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: guest-init                      (as PID 1)\n       guest-init init [--root DIR] [--no-switch-root] [--no-boot] [--log-file FILE] [--service NAME=PROG[,ARG...]]...\n       guest-init agent ...             (not available yet)\n       guest-init version"
+        "usage: guest-init                      (as PID 1)\n       guest-init init [--root DIR] [--no-switch-root] [--no-boot] [--log-file FILE] [--service NAME=PROG[,ARG...]]...\n       guest-init agent --simulate --socket PATH [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]\n       guest-init version"
     );
     std::process::exit(2)
 }
@@ -45,6 +51,28 @@ fn parse_init(args: &[String]) -> Result<Pid1Options, String> {
     Ok(o)
 }
 
+/// `guest-init agent --simulate …`: the host-mode agent.
+fn run_agent(args: &[String]) {
+    let opts = match SimulateOptions::from_args(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!(
+                "guest-init agent: {e}\nusage: guest-init agent {}",
+                SimulateOptions::USAGE
+            );
+            std::process::exit(2)
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    if let Err(e) = run_simulator_blocking(&opts) {
+        eprintln!("guest-init agent: {e}");
+        std::process::exit(1)
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let is_pid1 = std::process::id() == 1;
@@ -58,10 +86,7 @@ fn main() {
         },
         _ if is_pid1 => pid1::run(Pid1Options::default(), guest_init::boot_thread),
         Some("version") => println!("guest-init {}", env!("CARGO_PKG_VERSION")),
-        Some("agent") => {
-            eprintln!("guest-init agent: not implemented in this build");
-            std::process::exit(2)
-        }
+        Some("agent") => run_agent(&args[1..]),
         _ => usage(),
     }
 }

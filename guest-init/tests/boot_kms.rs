@@ -283,7 +283,7 @@ fn boot_gets_kms_keys_measures_and_serves_the_agent() {
     // The agent answers Info and GetQuote with a real (simulated-module) quote.
     let (sockets, aliases) = agent_sockets(&env.root);
     let agent = dstack_rpc::agent::DstackGuestClient::new(dstack_rpc::Client::unix(&sockets.dstack, ""));
-    let (info, quote, tls) = w.infra.block_on(async {
+    let (info, quote, tls, ra) = w.infra.block_on(async {
         let info = agent.info().await.unwrap();
         let q = agent
             .get_quote(dstack_rpc::agent::RawQuoteArgs {
@@ -300,7 +300,16 @@ fn boot_gets_kms_keys_measures_and_serves_the_agent() {
             })
             .await
             .unwrap();
-        (info, q, tls)
+        let ra = agent
+            .get_tls_key(dstack_rpc::agent::GetTlsKeyArgs {
+                subject: "ra.test".into(),
+                usage_ra_tls: true,
+                usage_server_auth: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        (info, q, tls, ra)
     });
     assert_eq!(info.app_id, app_id.to_vec());
     assert_eq!(info.instance_id, instance_id.to_vec());
@@ -337,6 +346,27 @@ fn boot_gets_kms_keys_measures_and_serves_the_agent() {
     let app_ca = dstack_ra_tls::parse_cert(&chain[1]).unwrap();
     assert_eq!(app_ca.special_usage.as_deref(), Some("app:ca"));
     assert!(tls.key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    // usage_ra_tls for a KMS app: the KMS-signed leaf carries the quote and event log and verifies as RA-TLS.
+    assert_eq!(ra.certificate_chain.len(), 3);
+    let ra_leaf = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(ra.certificate_chain[0].as_bytes()).unwrap()
+    };
+    let verifier = dstack_ra_tls::AttestationVerifier::new(dstack_ra_tls::AttestationPolicy {
+        allow_simulated: true,
+        simulated_roots: vec![w.guest_sim.root_pin()],
+        ..Default::default()
+    });
+    let id = verifier
+        .verify_cert(&ra_leaf, now())
+        .unwrap()
+        .expect("RA-TLS leaf has an attestation");
+    assert_eq!(id.app_id, app_id.to_vec());
+    assert_eq!(id.instance_id, instance_id.to_vec());
+    assert_eq!(
+        dstack_ra_tls::parse_cert(&ra_leaf).unwrap().app_id.as_deref(),
+        Some(&app_id[..])
+    );
     assert!(aliases.iter().all(|a| a.exists()), "alias sockets linked");
     assert_eq!(
         std::fs::metadata(&sockets.dstack).unwrap().permissions().mode() & 0o777,

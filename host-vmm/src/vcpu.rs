@@ -269,7 +269,7 @@ fn le_value(data: &[u8]) -> u64 {
 }
 
 /// What the loop does after one exit.
-enum Step {
+pub(crate) enum Step {
     Continue,
     Stop(VmExit),
     /// Stop with diagnostics of this vCPU; `triple` selects [`VmExit::TripleFault`].
@@ -289,7 +289,7 @@ fn internal_error_name(suberror: u32) -> &'static str {
     }
 }
 
-fn handle_exit(shared: &RunShared, exit: VcpuExit<'_>) -> Step {
+pub(crate) fn handle_exit(shared: &RunShared, exit: VcpuExit<'_>) -> Step {
     let action = match exit {
         VcpuExit::IoOut { port, data } => match shared.pio.write(u64::from(port), data) {
             Some(a) => a,

@@ -25,6 +25,9 @@ use crate::timing::{self, RssReport, boottime_ns};
 use crate::vcpu::{RunShared, UnknownAccess, VmExit, run_vcpu};
 use crate::virtio::VirtioDevice;
 use crate::virtio::block::{Block, Disk};
+use crate::virtio::net::passt::PasstBackend;
+use crate::virtio::net::tap::TapBackend;
+use crate::virtio::net::{Net, NetBackend};
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::Vsock;
@@ -50,14 +53,32 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceConfig {
     pub disks: Vec<DiskConfig>,
+    pub net: Option<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
 }
 
 impl DeviceConfig {
     pub fn is_empty(&self) -> bool {
-        self.disks.is_empty() && self.vsock.is_none() && !self.rng
+        self.disks.is_empty() && self.net.is_none() && self.vsock.is_none() && !self.rng
     }
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    /// Offered to the driver as the maximum MTU (`VIRTIO_NET_F_MTU`); None leaves the MTU to the guest.
+    pub mtu: Option<u16>,
+    pub backend: NetBackendConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum NetBackendConfig {
+    /// passt's unix socket (qemu stream framing); passt itself runs beside the VMM.
+    Passt { socket: PathBuf },
+    /// A tap interface (created if absent), optionally attached to an existing bridge.
+    Tap { ifname: String, bridge: Option<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +125,8 @@ pub enum VmmError {
     Block(#[from] crate::virtio::block::BlockError),
     #[error(transparent)]
     Vsock(#[from] crate::virtio::vsock::VsockError),
+    #[error(transparent)]
+    Net(#[from] crate::virtio::net::NetError),
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("spawning vCPU thread: {0}")]
@@ -286,6 +309,13 @@ impl Vmm {
                 format!("virtio-blk{i}"),
                 Box::new(Block::new(Disk::open(&d.path, d.read_only)?)),
             ));
+        }
+        if let Some(n) = &devices.net {
+            let backend: Box<dyn NetBackend> = match &n.backend {
+                NetBackendConfig::Passt { socket } => Box::new(PasstBackend::connect(socket, Duration::from_secs(5))?),
+                NetBackendConfig::Tap { ifname, bridge } => Box::new(TapBackend::open(ifname, bridge.as_deref())?),
+            };
+            models.push(("virtio-net".into(), Box::new(Net::new(n.mac, n.mtu, backend)?)));
         }
         if let Some(v) = &devices.vsock {
             models.push(("virtio-vsock".into(), Box::new(Vsock::new(v.cid, v.uds_path.clone())?)));

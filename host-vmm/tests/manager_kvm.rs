@@ -1,7 +1,9 @@
 //! The manager's `kvm` backend end to end: the daemon-side command line drives the real `dstack-vmm-run`
 //! (with the data disk, erofs host-shared disk, vsock and rng it always attaches) on /dev/kvm, booting a small
 //! payload that prints over serial and exits with a chosen status. Skipped without /dev/kvm (see
-//! `kvm_or_skip`); needs `mkfs.erofs` on `$PATH` (Debian: erofs-utils).
+//! `kvm_or_skip`); needs `mkfs.erofs` on `$PATH` (Debian: erofs-utils). When passt (Debian `passt`; path from
+//! `DSTACK_PASST`, default `passt` on `$PATH`) runs here, the VMs also get user networking with a port mapping:
+//! passt is started beside the VMM and the VMM connects its virtio-net device to it.
 
 mod common;
 
@@ -9,10 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dstack_host_vmm::manager::backend::KvmBackend;
+use dstack_host_vmm::manager::backend::{KvmBackend, PasstNet};
 use dstack_host_vmm::manager::{Manager, VmmApi, VmmConfig};
 use dstack_rpc::LocalTransport;
-use dstack_rpc::vmm::{Id, VmConfiguration, VmInfo, VmmClient, VmmServer};
+use dstack_rpc::vmm::{Id, PortMapping, VmConfiguration, VmInfo, VmmClient, VmmServer};
 
 const COMPOSE: &str =
     r#"{"manifest_version":2,"name":"k","runner":"docker-compose","docker_compose_file":"services: {}\n"}"#;
@@ -59,10 +61,27 @@ async fn kvm_backend_runs_our_vmm() {
         dir.path().join("run").display()
     ))
     .unwrap();
+    let passt = std::env::var("DSTACK_PASST").unwrap_or_else(|_| "passt".into());
+    let have_passt = std::process::Command::new(&passt)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !have_passt {
+        eprintln!("note: passt not found; VMs run without networking in this test");
+    }
     let backend = KvmBackend {
         vmm_run: env!("CARGO_BIN_EXE_dstack-vmm-run").into(),
         mkfs_erofs: "mkfs.erofs".into(),
+        passt: have_passt.then(|| PasstNet {
+            program: passt.into(),
+            net: "10.0.2.0/24".into(),
+            dhcp_start: "10.0.2.10".into(),
+        }),
     };
+    // Inside the default allowed range (1–20000); varied by PID so parallel runs rarely collide.
+    let host_port = 15000 + std::process::id() % 5000;
     let mgr = Manager::open(cfg, Box::new(backend)).unwrap();
     let _monitor = mgr.spawn_monitor();
     let c = VmmClient::new(LocalTransport::new(VmmServer::new(VmmApi::new(mgr.clone()))));
@@ -77,7 +96,16 @@ async fn kvm_backend_runs_our_vmm() {
     };
 
     // A guest that powers off (status 0) is not restarted.
-    let ok = c.create_vm(req("ok")).await.unwrap().id;
+    let mut ok_req = req("ok");
+    if have_passt {
+        ok_req.ports.push(PortMapping {
+            protocol: "tcp".into(),
+            host_port,
+            vm_port: 80,
+            host_address: String::new(),
+        });
+    }
+    let ok = c.create_vm(ok_req).await.unwrap().id;
     let info = wait_status(&c, &ok, "exited").await;
     let run = dir.path().join("run").join(&ok);
     let stderr = std::fs::read_to_string(run.join("stderr.log")).unwrap();
@@ -88,6 +116,11 @@ async fn kvm_backend_runs_our_vmm() {
     );
     assert!(stderr.contains("debug exit with status 0x0"), "{stderr}");
     assert!(info.exited_at.is_some());
+    if have_passt {
+        // passt was started (its output file exists) and the VMM's virtio-net device connected to its
+        // socket: the VM would not have booted otherwise (dstack-vmm-run fails setup on a refused connect).
+        assert!(run.join("passt.out").exists(), "passt was not started");
+    }
 
     // A crashing guest (status 3) is restarted once (max_retries = 1), then left exited.
     let crash = c.create_vm(req("crash")).await.unwrap().id;

@@ -34,6 +34,8 @@ pub const BOOT_MODULES: &[&str] = &[
     "tsm_report",
     "tdx_guest",
     "wireguard",
+    // guest-init's gateway tunnel: boringtun on a tun device.
+    "tun",
 ];
 
 /// Modules dockerd needs for its default bridge network with iptables (nft backend) and overlay2.

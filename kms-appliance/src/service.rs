@@ -8,10 +8,14 @@
 //! `SignCert` CSR encoding (ours; dstack uses SCALE): `csr` is UTF-8 JSON
 //! `{"confirm": "please sign cert:", "pubkey": "<hex SubjectPublicKeyInfo DER, P-256>",
 //!   "config": {"org_name"?: str, "subject": str, "subject_alt_names": [str], "usage_server_auth": bool,
-//!   "usage_client_auth": bool, "ext_quote": false}}`
+//!   "usage_client_auth": bool, "ext_quote": bool, "not_before"?: u64, "not_after"?: u64},
+//!  "attestation"?: {"quote": "<hex TDX quote>", "event_log": [<dstack JSON event-log entries>]}}`
 //! and `signature` is the ECDSA P-256/SHA-256 signature (ASN.1 DER) of the exact `csr` bytes by that key. The
 //! app identity comes from the caller's RA-TLS certificate (not from the CSR), so a CVM can only obtain
-//! certificates for its own app id. The certificate is issued under the app CA
+//! certificates for its own app id. With `ext_quote` (the agent's `GetTlsKey{usage_ra_tls}`) the CSR carries the
+//! attestation of the CSR key (report data `sha512("ratls-cert:" ‖ SPKI)`); the issued leaf embeds it (dstack
+//! OIDs) and is verified like any RA-TLS certificate before it is returned: quote, key binding, event-log replay,
+//! and its attested app id and instance id must be the caller's. The certificate is issued under the app CA
 //! (`derive_p256(root_ca, [app_id, "app-ca"])`, "Dstack App CA", usage `app:ca`) with usage `app:custom`;
 //! the chain returned is `[leaf, app CA, KMS root CA]`.
 
@@ -21,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use dstack_keys::app_keys::{AppLevelKeys, ID_LEN, app_ca_key, env_pubkey_response};
 use dstack_keys::kdf::p256_pkcs8_der;
-use dstack_ra_tls::{AttestationVerifier, AttestedIdentity, CaCert, CertRequest};
+use dstack_ra_tls::{AttestationVerifier, AttestedIdentity, CaCert, CertAttestation, CertRequest};
 use dstack_rpc::kms::{
     AppId, AppKeyResponse, GetAppKeyRequest, GetKmsKeyRequest, GetMetaResponse, GetTempCaCertResponse, KmsKeyResponse,
     KmsKeys, KmsRpc, PublicKeyResponse, SignCertRequest, SignCertResponse,
@@ -216,6 +220,17 @@ struct JsonCsr {
     confirm: String,
     pubkey: String,
     config: CsrConfig,
+    #[serde(default)]
+    attestation: Option<CsrAttestation>,
+}
+
+/// The attestation of the CSR key (`ext_quote`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CsrAttestation {
+    /// Hex TDX quote.
+    quote: String,
+    event_log: Vec<dstack_tee::TdxEvent>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +247,11 @@ struct CsrConfig {
     usage_client_auth: bool,
     #[serde(default)]
     ext_quote: bool,
+    /// UNIX seconds.
+    #[serde(default)]
+    not_before: Option<u64>,
+    #[serde(default)]
+    not_after: Option<u64>,
 }
 
 const CSR_CONFIRM: &str = "please sign cert:";
@@ -258,8 +278,8 @@ fn check_csr(csr: &[u8], signature: &[u8]) -> Result<(JsonCsr, P256Public), Stri
     if parsed.confirm != CSR_CONFIRM {
         return Err(format!("csr.confirm must be {CSR_CONFIRM:?}"));
     }
-    if parsed.config.ext_quote {
-        return Err("csr.config.ext_quote is not supported".into());
+    if parsed.config.ext_quote != parsed.attestation.is_some() {
+        return Err("csr.config.ext_quote and csr.attestation must be given together".into());
     }
     let spki = hex::decode(&parsed.pubkey).map_err(|e| format!("csr.pubkey hex: {e}"))?;
     let public = p256::PublicKey::from_public_key_der(&spki).map_err(|e| format!("csr.pubkey: {e}"))?;
@@ -364,6 +384,14 @@ impl KmsRpc for KmsService {
         let caller = s.attested_caller(ctx, "SignCert", &req.vm_config)?;
         s.authorize("SignCert", &caller, false).await?;
         let app_ca = s.app_ca(&caller.app_id)?;
+        let attestation = match csr.attestation {
+            Some(a) => Some(CertAttestation {
+                quote: hex::decode(&a.quote).map_err(|e| deny(format!("SignCert: csr.attestation.quote hex: {e}")))?,
+                event_log: a.event_log,
+            }),
+            None => None,
+        };
+        let secs = |t: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
         let cert_req = CertRequest {
             subject: csr.config.subject,
             org_name: csr.config.org_name,
@@ -372,11 +400,30 @@ impl KmsRpc for KmsService {
             usage_client_auth: csr.config.usage_client_auth,
             app_id: Some(caller.app_id.to_vec()),
             special_usage: Some("app:custom".into()),
+            not_before: csr.config.not_before.map(secs),
+            not_after: csr.config.not_after.map(secs),
+            attestation,
             ..Default::default()
         };
+        let quoted = cert_req.attestation.is_some();
         let leaf = app_ca
             .issue(&cert_req, &public)
             .map_err(|e| deny(format!("SignCert: {e}")))?;
+        if quoted {
+            // The embedded attestation must verify for this key and be the caller's own app and instance.
+            let id = match s.verifier.verify_cert(leaf.der(), now_secs()) {
+                Ok(Some(id)) => id,
+                Ok(None) => return Err(deny("SignCert: the issued certificate carries no attestation")),
+                Err(e) => return Err(deny(format!("SignCert: csr.attestation does not verify: {e}"))),
+            };
+            if id.app_id != caller.app_id || id.instance_id != caller.identity.instance_id {
+                return Err(deny(format!(
+                    "SignCert: csr.attestation is of app {} instance {}, not the caller's",
+                    hex::encode(&id.app_id),
+                    hex::encode(&id.instance_id)
+                )));
+            }
+        }
         Ok(SignCertResponse {
             certificate_chain: vec![
                 leaf.pem(),

@@ -5,6 +5,7 @@
 
 mod cache;
 mod demo;
+mod guest_image;
 mod proc;
 mod setup;
 mod test;

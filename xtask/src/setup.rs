@@ -33,13 +33,36 @@ const HOST_PACKAGES: &[&str] = &[
     // guest-init: DHCP server for the network test; end to end and crates/oci: the local OCI registry
     "dnsmasq-base",
     "docker-registry",
-    // host-vmm: user-mode networking backend of the kvm VMM
+    // host-vmm: user-mode networking backend of the kvm VMM; the dashboard test's headless browser
     "passt",
+    "chromium",
+];
+
+/// What `cargo xtask demo` needs on the host: the guest image build and the `tcg` backend, the registry.
+pub const DEMO_PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "dpkg-dev",
+    "qemu-system-x86",
+    "mmdebstrap",
+    "erofs-utils",
+    "cryptsetup-bin",
+    "libc6-dev",
+    "e2fsprogs",
+    "util-linux",
+    "docker-registry",
 ];
 
 /// Debian packages from other suites used as test fixtures: (suite, package, file inside it, env var).
-const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] =
-    &[("trixie", "ovmf", "usr/share/ovmf/OVMF.fd", "DSTACK_TEST_OVMF")];
+const DEBIAN_FIXTURES: &[(&str, &str, &str, &str)] = &[
+    ("trixie", "ovmf", "usr/share/ovmf/OVMF.fd", "DSTACK_TEST_OVMF"),
+    // host-vmm's TDX struct layouts are checked against the uapi headers of the guest kernel's version.
+    (
+        "trixie-backports",
+        "linux-libc-dev",
+        "usr/include",
+        "DSTACK_TEST_LINUX_UAPI",
+    ),
+];
 
 /// Python packages (PyPI) installed into the test virtualenv: the real dstack SDK for interop tests.
 const PYTHON_PACKAGES: &[&str] = &["dstack-sdk==0.5.4", "eth-hash[pycryptodome]"];
@@ -57,7 +80,7 @@ const SOLC_JS: &str = "solc@0.8.28";
 const ANVIL: &str = "@foundry-rs/anvil-linux-amd64@1.7.1";
 
 /// rust-vmm's userspace vhost-user vsock backend, used by the `tcg` VM backend.
-const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+pub const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 
 /// Environment variables handed to the test processes.
 pub type TestEnv = Vec<(String, String)>;
@@ -308,7 +331,7 @@ fn find_vmlinuz(root: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// A binary crate installed with `cargo install --locked` into the cache; returns the binary's path.
-fn ensure_cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
+pub fn ensure_cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
     let root = cache::subdir(&format!("tools/{name}-{version}"))?;
     let bin = root.join("bin").join(name);
     if bin.exists() {

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cache, setup};
+use crate::{cache, guest_image, setup};
 
 pub struct TestOptions {
     pub setup: bool,
@@ -127,6 +127,12 @@ pub fn run(opts: &TestOptions) -> Result<i32> {
     tally.check("build dstack-measure", built.success());
     let mut env = env;
     env.push(("DSTACK_MEASURE_BIN".into(), measure_bin.display().to_string()));
+    if opts.setup {
+        // The end-to-end tests boot the real guest image.
+        let image = guest_image::ensure(&root, &target_dir).context("preparing the guest image")?;
+        env.push(("DSTACK_E2E_IMAGE".into(), image.dir.display().to_string()));
+        env.push(("DSTACK_DEMO_APP_BIN".into(), image.demo_app.display().to_string()));
+    }
 
     eprintln!("xtask: cargo test");
     let mut child = cargo(&root, &target_dir)

@@ -8,10 +8,10 @@ use dstack_measurements::eventlog::mr_aggregated;
 use dstack_measurements::quote::Quote;
 use dstack_ra_tls::{CertAttestation, CertRequest, ra_tls_report_data};
 use dstack_rpc::agent::{
-    AppInfo, DeriveKeyArgs, GetKeyResponse, GetQuoteResponse, GetTlsKeyArgs, GetTlsKeyResponse, SignResponse,
-    TdxQuoteResponse,
+    AppInfo, AttestResponse, DeriveKeyArgs, GetKeyResponse, GetQuoteResponse, GetTlsKeyArgs, GetTlsKeyResponse,
+    SignResponse, TdxQuoteResponse,
 };
-use dstack_tee::{RuntimeEventLog, TdxEvent, Tee};
+use dstack_tee::{RuntimeEvent, RuntimeEventLog, TdxEvent, Tee};
 use dstack_types::AppKeys;
 use ed25519_dalek::Signer as _;
 use k256::ecdsa::signature::Verifier as _;
@@ -22,6 +22,7 @@ use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
 
 use crate::AgentError;
+use crate::attestation::Attestation;
 use crate::cert::{CertSigner, p256_key_pair, random_p256_key};
 use crate::report_data::{pad_report_data, tdx_quote_report_data};
 
@@ -33,6 +34,9 @@ pub const SIGN_KEY_PURPOSE: &str = "signing";
 const MAX_EVENT_NAME: usize = 256;
 /// Longest accepted `EmitEvent` payload.
 const MAX_EVENT_PAYLOAD: usize = 64 * 1024;
+/// Attempts at a quote whose RTMR3 matches the runtime log read just before it (an `EmitEvent` in between
+/// changes RTMR3).
+const EVIDENCE_ATTEMPTS: usize = 3;
 
 /// Everything the agent needs, as the guest has it after boot.
 pub struct AgentConfig {
@@ -226,16 +230,69 @@ impl Agent {
         Ok(self.tee().quote(report_data).await?)
     }
 
+    /// A quote over `report_data` and the runtime events its RTMR3 is the replay of.
+    async fn evidence(&self, report_data: [u8; 64]) -> Result<(Vec<u8>, Vec<RuntimeEvent>), AgentError> {
+        let mut last = String::new();
+        for _ in 0..EVIDENCE_ATTEMPTS {
+            let events = self.cfg.event_log.load_verified().await?;
+            let raw = self.quote(report_data).await?;
+            let quote = Quote::parse(&raw).map_err(|e| AgentError::Quote(e.to_string()))?;
+            let digests: Vec<[u8; 48]> = events.iter().map(RuntimeEvent::digest).collect();
+            let replayed = dstack_measurements::eventlog::replay_digests(&digests);
+            if replayed == quote.report.rtmr[3] {
+                return Ok((raw, events));
+            }
+            last = format!(
+                "quoted RTMR3 {} but the {} logged events replay to {}",
+                hex::encode(quote.report.rtmr[3]),
+                events.len(),
+                hex::encode(replayed)
+            );
+        }
+        Err(AgentError::Quote(format!(
+            "no consistent quote and event log after {EVIDENCE_ATTEMPTS} attempts: {last}"
+        )))
+    }
+
+    /// Boot events followed by `runtime` as event-log entries.
+    async fn full_log(&self, runtime: &[RuntimeEvent]) -> Result<Vec<TdxEvent>, AgentError> {
+        let mut log = self.tee().boot_event_log().await?;
+        log.extend(runtime.iter().map(RuntimeEvent::to_tdx_event));
+        Ok(log)
+    }
+
     /// `GetQuote`: report data ≤ 64 bytes, zero-padded.
     pub async fn get_quote(&self, report_data: &[u8]) -> Result<GetQuoteResponse, AgentError> {
         let rd = pad_report_data(report_data)?;
-        let quote = self.quote(rd).await?;
+        let (quote, runtime) = self.evidence(rd).await?;
+        let event_log =
+            serde_json::to_string(&self.full_log(&runtime).await?).map_err(|e| AgentError::Internal(e.to_string()))?;
         Ok(GetQuoteResponse {
             quote,
-            event_log: self.event_log_json().await?,
+            event_log,
             report_data: rd.to_vec(),
             vm_config: self.cfg.vm_config.clone(),
             attestation: Vec::new(),
+        })
+    }
+
+    /// The versioned attestation `Attest` returns (see [`crate::attestation`]).
+    pub async fn attestation(&self, report_data: &[u8]) -> Result<Attestation, AgentError> {
+        let rd = pad_report_data(report_data)?;
+        let (quote, runtime_events) = self.evidence(rd).await?;
+        Ok(Attestation {
+            quote,
+            event_log: self.full_log(&runtime_events).await?,
+            runtime_events,
+            report_data: rd,
+            config: self.cfg.vm_config.clone(),
+        })
+    }
+
+    /// `Attest`: dstack's SCALE `VersionedAttestation::V0` bytes.
+    pub async fn attest(&self, report_data: &[u8]) -> Result<AttestResponse, AgentError> {
+        Ok(AttestResponse {
+            attestation: self.attestation(report_data).await?.to_scale(),
         })
     }
 

@@ -11,11 +11,13 @@
 //!
 //! Semantics follow dstack's `guest-agent/src/rpc_service.rs` (see `dstack-facts.md` §2). Deliberate
 //! differences: runtime events in `event_log` carry both their digest and payload (dstack empties the digest
-//! in newer releases; the SDKs' `replay_rtmrs` needs it), `Attest` is not implemented (it needs dstack's
-//! versioned-attestation MessagePack encoding) and `GetTlsKey{with_app_info: true}` is refused (the RA-TLS
-//! crate does not write the app-info extension yet). The app root key is never returned by any method.
+//! in newer releases; the SDKs' `replay_rtmrs` needs it), `Attest` answers in dstack's SCALE `V0` format (read
+//! by every dstack verifier; 0.5.11+ agents emit MessagePack `V1`, see [`attestation`]) and
+//! `GetTlsKey{with_app_info: true}` is refused (the RA-TLS crate does not write the app-info extension yet).
+//! The app root key is never returned by any method.
 
 mod agent;
+pub mod attestation;
 pub mod cert;
 pub mod report_data;
 pub mod serve;

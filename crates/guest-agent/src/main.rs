@@ -3,22 +3,22 @@
 //!
 //! ```text
 //! dstack-guest-agent --simulate --socket ./dstack.sock [--tappd-socket ./tappd.sock] [--state-dir ./sim]
+//!                    [--compose app-compose.json]
 //! ```
 //!
-//! On start it prints one JSON line (`SimulationInfo`: simulator root pin, KMS keys, identities) on stdout.
+//! Without `--state-dir` the simulated module gets a fresh signer in a temporary directory. When the sockets
+//! accept connections it prints one JSON line (`SimulationInfo`: simulator root pin, KMS keys, identities) on
+//! stdout. `guest-init agent --simulate …` runs the same code ([`run_simulator_blocking`]).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{Context, bail};
 use clap::Parser;
-use dstack_guest_agent::simulate::{DEFAULT_APP_COMPOSE, simulated_agent};
-use dstack_guest_agent::{AgentSockets, serve_agent};
+use dstack_guest_agent::simulate::{SimulateOptions, run_simulator_blocking};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "dstack-compatible guest agent (host simulation mode)")]
 struct Args {
-    /// Run on a host with a simulated TDX module and a generated app identity.
+    /// Run on a host with a simulated TDX module and a generated app identity (required).
     #[arg(long)]
     simulate: bool,
     /// The dstack API socket (DstackGuest at `/`).
@@ -27,53 +27,29 @@ struct Args {
     /// The legacy tappd socket (Tappd at `/prpc`).
     #[arg(long)]
     tappd_socket: Option<PathBuf>,
-    /// State directory of the simulated module (its signing key is reused across runs).
-    #[arg(long, default_value = "./dstack-sim")]
-    state_dir: PathBuf,
-    /// app-compose.json to use instead of a built-in one.
+    /// State directory of the simulated module (its signing key is reused across runs); default: a fresh
+    /// temporary one.
     #[arg(long)]
-    app_compose: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    /// app-compose.json to use instead of a built-in one.
+    #[arg(long, visible_alias = "app-compose")]
+    compose: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     if !args.simulate {
-        bail!("only --simulate is available standalone; in a CVM the agent runs inside guest-init");
+        anyhow::bail!("only --simulate is available standalone; in a CVM the agent runs inside guest-init");
     }
-    let compose = match &args.app_compose {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        None => DEFAULT_APP_COMPOSE.to_owned(),
-    };
-    let (agent, info) = simulated_agent(&args.state_dir, &compose).await?;
-    let sockets = AgentSockets {
-        dstack: args.socket.clone(),
-        tappd: args.tappd_socket.clone(),
-    };
-    let mut line = serde_json::to_value(&info)?;
-    line["socket"] = serde_json::json!(args.socket);
-    line["tappd_socket"] = serde_json::json!(args.tappd_socket);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    // Bind first so the printed line means "ready".
-    let server = tokio::spawn(async move { serve_agent(Arc::new(agent), &sockets, shutdown).await });
-    for _ in 0..200 {
-        if args.socket.exists() && args.tappd_socket.as_ref().is_none_or(|p| p.exists()) {
-            break;
-        }
-        if server.is_finished() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    if !server.is_finished() {
-        println!("{line}");
-    }
-    server.await.context("agent task")??;
+    run_simulator_blocking(&SimulateOptions {
+        socket: args.socket,
+        tappd_socket: args.tappd_socket,
+        state_dir: args.state_dir,
+        app_compose: args.compose,
+    })?;
     Ok(())
 }

@@ -31,8 +31,38 @@ pub async fn serve_agent(
     sockets: &AgentSockets,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let dstack = bind_unix(&sockets.dstack, SOCKET_MODE)?;
-    let tappd = sockets.tappd.as_ref().map(|p| bind_unix(p, SOCKET_MODE)).transpose()?;
+    BoundAgent::bind(sockets)?.serve(agent, shutdown).await
+}
+
+/// The agent's sockets, bound (connections queue until [`BoundAgent::serve`]).
+#[derive(Debug)]
+pub struct BoundAgent {
+    dstack: tokio::net::UnixListener,
+    tappd: Option<tokio::net::UnixListener>,
+}
+
+impl BoundAgent {
+    /// Binds the sockets (mode 0777); needs a Tokio runtime.
+    pub fn bind(sockets: &AgentSockets) -> io::Result<Self> {
+        Ok(Self {
+            dstack: bind_unix(&sockets.dstack, SOCKET_MODE)?,
+            tappd: sockets.tappd.as_ref().map(|p| bind_unix(p, SOCKET_MODE)).transpose()?,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then drains connections.
+    pub async fn serve(self, agent: Arc<Agent>, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let Self { dstack, tappd } = self;
+        serve_bound(agent, dstack, tappd, shutdown).await
+    }
+}
+
+async fn serve_bound(
+    agent: Arc<Agent>,
+    dstack: tokio::net::UnixListener,
+    tappd: Option<tokio::net::UnixListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;

@@ -41,10 +41,8 @@ impl DstackGuestRpc for DstackGuestService {
         self.0.get_quote(&req.report_data).await.map_err(rpc_err)
     }
 
-    async fn attest(&self, _: &CallContext, _: RawQuoteArgs) -> Result<AttestResponse, RpcError> {
-        Err(rpc_err(AgentError::Unsupported(
-            "Attest: dstack's versioned attestation encoding is not implemented; use GetQuote".into(),
-        )))
+    async fn attest(&self, _: &CallContext, req: RawQuoteArgs) -> Result<AttestResponse, RpcError> {
+        self.0.attest(&req.report_data).await.map_err(rpc_err)
     }
 
     async fn info(&self, _: &CallContext, _: Empty) -> Result<AppInfo, RpcError> {

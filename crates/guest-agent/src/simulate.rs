@@ -6,6 +6,7 @@
 //! k256 key; the app's keys are derived from them with dstack's KDF (`crates/keys`), the app CA is the
 //! KMS-derived `app-ca` key issued by the root, and the RTMR3 events of a dstack boot are measured.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use sha2::{Digest, Sha256, Sha384};
 use zeroize::Zeroizing;
 
 use crate::cert::{LocalCaSigner, p256_key_pair};
+use crate::serve::{AgentSockets, BoundAgent};
 use crate::{Agent, AgentConfig, AgentError};
 
 /// [`Tee`] over an in-process [`SimTdx`] (reports [`TeeKind::Simulated`]).
@@ -246,4 +248,199 @@ pub async fn simulated_agent(state_dir: &Path, app_compose: &str) -> Result<(Age
         cloud_product: String::new(),
     })?;
     Ok((agent, info))
+}
+
+/// Options of the host mode, shared by `dstack-guest-agent --simulate` and `guest-init agent --simulate`.
+#[derive(Debug, Clone, Default)]
+pub struct SimulateOptions {
+    /// The dstack API socket (`DstackGuest` at `/`).
+    pub socket: PathBuf,
+    /// The legacy tappd socket (`Tappd` at `/prpc`).
+    pub tappd_socket: Option<PathBuf>,
+    /// Where the simulated module keeps its signing key (reused across runs, so verifiers can keep the pin);
+    /// `None`: a fresh signer in a temporary directory removed on exit.
+    pub state_dir: Option<PathBuf>,
+    /// app-compose.json to use instead of [`DEFAULT_APP_COMPOSE`].
+    pub app_compose: Option<PathBuf>,
+}
+
+impl SimulateOptions {
+    /// The option grammar of [`SimulateOptions::from_args`].
+    pub const USAGE: &str = "--simulate --socket PATH [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]";
+
+    /// Parses `--simulate --socket PATH [--tappd-socket PATH] [--state-dir DIR] [--compose FILE]`
+    /// (`--app-compose` is accepted for `--compose`). `--simulate` is required: nothing else runs outside a CVM.
+    pub fn from_args(args: &[String]) -> Result<Self, String> {
+        let mut o = Self::default();
+        let mut simulate = false;
+        let mut socket = None;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            match a.as_str() {
+                "--simulate" => simulate = true,
+                "--socket" => socket = Some(value("--socket")?),
+                "--tappd-socket" => o.tappd_socket = Some(value("--tappd-socket")?),
+                "--state-dir" => o.state_dir = Some(value("--state-dir")?),
+                "--compose" | "--app-compose" => o.app_compose = Some(value("--compose")?),
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        if !simulate {
+            return Err("only --simulate is available outside a CVM (in a CVM the agent runs inside PID 1)".into());
+        }
+        o.socket = socket.ok_or("--socket PATH is required")?;
+        Ok(o)
+    }
+}
+
+/// A state directory removed on drop (the fresh-signer case).
+struct TempState(PathBuf);
+
+impl TempState {
+    fn create() -> Result<Self, AgentError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut tag = [0u8; 8];
+        getrandom::fill(&mut tag).map_err(|e| AgentError::Internal(format!("OS random number generator: {e}")))?;
+        let dir = std::env::temp_dir().join(format!("dstack-sim-{}", hex::encode(tag)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| AgentError::Config(format!("creating {}: {e}", dir.display())))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the simulated agent until `shutdown`: builds the identity, binds the sockets, calls `on_ready` with
+/// the [`SimulationInfo`] JSON (plus `socket`, `tappd_socket`, `state_dir`) once connections are accepted,
+/// then serves.
+pub async fn run_simulator(
+    opts: &SimulateOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(serde_json::Value),
+) -> Result<(), AgentError> {
+    let compose = match &opts.app_compose {
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| AgentError::Config(format!("reading {}: {e}", p.display())))?
+        }
+        None => DEFAULT_APP_COMPOSE.to_owned(),
+    };
+    let temp = match &opts.state_dir {
+        Some(_) => None,
+        None => Some(TempState::create()?),
+    };
+    let state_dir = match (&opts.state_dir, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.0.clone(),
+        (None, None) => return Err(AgentError::Internal("no state directory".into())),
+    };
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| AgentError::Config(format!("creating {}: {e}", state_dir.display())))?;
+    let (agent, info) = simulated_agent(&state_dir, &compose).await?;
+    let sockets = AgentSockets {
+        dstack: opts.socket.clone(),
+        tappd: opts.tappd_socket.clone(),
+    };
+    let bound =
+        BoundAgent::bind(&sockets).map_err(|e| AgentError::Config(format!("binding the agent sockets: {e}")))?;
+    let mut line = serde_json::to_value(&info).map_err(|e| AgentError::Internal(e.to_string()))?;
+    line["socket"] = serde_json::json!(opts.socket);
+    line["tappd_socket"] = serde_json::json!(opts.tappd_socket);
+    line["state_dir"] = serde_json::json!(state_dir);
+    on_ready(line);
+    let served = bound.serve(Arc::new(agent), shutdown).await;
+    drop(temp);
+    served.map_err(|e| AgentError::Internal(format!("serving: {e}")))
+}
+
+/// [`run_simulator`] on its own Tokio runtime until SIGINT or SIGTERM, printing the ready line (one JSON object)
+/// on stdout. The entry point of both host-mode commands.
+pub fn run_simulator_blocking(opts: &SimulateOptions) -> Result<(), AgentError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| AgentError::Internal(format!("Tokio runtime: {e}")))?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Internal(format!("SIGTERM: {e}")))?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        run_simulator(opts, shutdown, |line| {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        })
+        .await
+    })
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_and_requires_simulate_and_socket() {
+        let o = SimulateOptions::from_args(&args(&[
+            "--simulate",
+            "--socket",
+            "/tmp/d.sock",
+            "--tappd-socket",
+            "/tmp/t.sock",
+            "--compose",
+            "c.json",
+        ]))
+        .unwrap();
+        assert_eq!(o.socket, PathBuf::from("/tmp/d.sock"));
+        assert_eq!(o.tappd_socket, Some(PathBuf::from("/tmp/t.sock")));
+        assert_eq!(o.app_compose, Some(PathBuf::from("c.json")));
+        assert_eq!(o.state_dir, None);
+        assert!(SimulateOptions::from_args(&args(&["--socket", "x"])).is_err());
+        assert!(SimulateOptions::from_args(&args(&["--simulate"])).is_err());
+        assert!(SimulateOptions::from_args(&args(&["--simulate", "--socket"])).is_err());
+        assert!(SimulateOptions::from_args(&args(&["--simulate", "--socket", "x", "--bogus"])).is_err());
+    }
+
+    #[tokio::test]
+    async fn fresh_state_is_removed_on_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SimulateOptions {
+            socket: dir.path().join("d.sock"),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut state = None;
+        let run = run_simulator(
+            &opts,
+            async move {
+                let _ = rx.await;
+            },
+            |line| {
+                state = line["state_dir"].as_str().map(PathBuf::from);
+                let _ = tx.send(());
+            },
+        );
+        run.await.unwrap();
+        let state = state.expect("ready line names the state dir");
+        assert!(!state.exists(), "{} left behind", state.display());
+    }
 }

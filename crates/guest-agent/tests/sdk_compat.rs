@@ -15,8 +15,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use dstack_measurements::eventlog::{parse_json_log, replay};
+use dstack_guest_agent::attestation::Attestation;
+use dstack_measurements::eventlog::{parse_json_log, replay, replay_digests};
 use dstack_measurements::quote::Quote;
+use dstack_measurements::sim::SimRootPin;
+use dstack_measurements::verify::{VerifyOptions, verify_quote};
 
 struct AgentProc {
     child: Child,
@@ -120,6 +123,50 @@ fn check_quotes(result: &serde_json::Value) {
     assert_eq!(result["replayed_rtmr3"].as_str().unwrap(), hex::encode(rtmr3));
 }
 
+/// Decodes each `Attest` result, verifies its quote under the simulator root the agent printed (and that it is
+/// refused as real TDX), and replays its event log and runtime events against the quote.
+fn check_attestations(agent: &AgentProc, result: &serde_json::Value) {
+    let info: serde_json::Value = serde_json::from_str(&agent.info).unwrap();
+    let pin: [u8; 32] = hex::decode(info["root_spki_sha256"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let opts = VerifyOptions {
+        now,
+        allow_simulated: true,
+        simulated_roots: vec![SimRootPin::SpkiSha256(pin)],
+        allow_debug: false,
+    };
+    let list = result["attestations"].as_array().expect("attestations");
+    assert!(!list.is_empty());
+    for a in list {
+        let att = Attestation::from_scale(&hex::decode(a["attestation"].as_str().unwrap()).unwrap())
+            .expect("attestation decodes");
+        assert_eq!(
+            hex::encode(att.report_data),
+            a["expected_report_data"].as_str().unwrap()
+        );
+        let verified = verify_quote(&att.quote, None, &opts).expect("quote verifies under the simulator pin");
+        assert!(verified.is_simulated());
+        assert_eq!(verified.quote.report.report_data, att.report_data);
+        assert_eq!(replay(&att.event_log).unwrap(), verified.quote.report.rtmr);
+        let digests: Vec<[u8; 48]> = att.runtime_events.iter().map(|e| e.digest()).collect();
+        assert_eq!(replay_digests(&digests), verified.quote.report.rtmr[3]);
+        let strict = VerifyOptions {
+            allow_simulated: false,
+            ..opts.clone()
+        };
+        assert!(
+            verify_quote(&att.quote, None, &strict).is_err(),
+            "simulated quote accepted as TDX"
+        );
+    }
+}
+
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(name)
 }
@@ -132,7 +179,9 @@ fn python_dstack_sdk() {
     let agent = start_agent();
     let mut cmd = Command::new(python);
     cmd.arg(script("check_python.py"));
-    check_quotes(&run_sdk(&agent, cmd));
+    let result = run_sdk(&agent, cmd);
+    check_quotes(&result);
+    check_attestations(&agent, &result);
 }
 
 #[test]
@@ -143,5 +192,7 @@ fn node_dstack_sdk() {
     let agent = start_agent();
     let mut cmd = Command::new("node");
     cmd.arg(script("check_node.cjs")).env("NODE_PATH", modules);
-    check_quotes(&run_sdk(&agent, cmd));
+    let result = run_sdk(&agent, cmd);
+    check_quotes(&result);
+    check_attestations(&agent, &result);
 }

@@ -42,15 +42,14 @@ fn error_reply(status: u16, socket: &Path, message: String) -> InfoReply {
     }
 }
 
-/// Sends `POST /Info` with an empty JSON request and returns the raw response.
-fn call_info(socket: &Path) -> Result<http::Response, http::HttpError> {
+/// Sends `POST /<method>` with a JSON request and returns the raw response.
+fn call(socket: &Path, method: &str, body: &[u8]) -> Result<http::Response, http::HttpError> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let body = b"{}";
     write!(
         stream,
-        "POST /Info HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /{method} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
     stream.write_all(body)?;
@@ -60,43 +59,80 @@ fn call_info(socket: &Path) -> Result<http::Response, http::HttpError> {
 
 /// Asks the agent at `socket` for its `Info` and keeps the identity fields.
 pub fn info(socket: &Path) -> InfoReply {
-    let resp = match call_info(socket) {
+    match agent_json(socket, "Info", b"{}") {
+        Ok(all) => {
+            let mut shown = Map::new();
+            for field in SHOWN_FIELDS {
+                if let Some(v) = all.get(*field) {
+                    shown.insert((*field).to_string(), v.clone());
+                }
+            }
+            InfoReply {
+                status: 200,
+                body: Value::Object(shown).to_string(),
+            }
+        }
+        Err(reply) => reply,
+    }
+}
+
+/// Asks the agent for a quote over `report_data_hex` (≤ 64 bytes as lowercase hex, e.g. a verifier's
+/// nonce) and returns its whole answer: quote, event log and vm_config, for verification from outside.
+pub fn quote(socket: &Path, report_data_hex: &str) -> InfoReply {
+    let valid = report_data_hex.len() <= 128
+        && report_data_hex.len().is_multiple_of(2)
+        && report_data_hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !valid {
+        return error_reply(
+            400,
+            socket,
+            "report data must be at most 64 bytes of lowercase hex".into(),
+        );
+    }
+    let body = serde_json::json!({ "report_data": report_data_hex }).to_string();
+    match agent_json(socket, "GetQuote", body.as_bytes()) {
+        Ok(all) => InfoReply {
+            status: 200,
+            body: Value::Object(all).to_string(),
+        },
+        Err(reply) => reply,
+    }
+}
+
+/// Calls `method` and parses the JSON object it answers, or the error reply to send.
+fn agent_json(socket: &Path, method: &str, body: &[u8]) -> Result<Map<String, Value>, InfoReply> {
+    let resp = match call(socket, method, body) {
         Ok(r) => r,
         Err(http::HttpError::Io(e)) if matches!(e.kind(), io::ErrorKind::NotFound) => {
-            return error_reply(
+            return Err(error_reply(
                 503,
                 socket,
                 format!(
                     "no dstack guest agent: socket {} does not exist (not inside a dstack CVM, or the socket is not mounted into this container)",
                     socket.display()
                 ),
-            );
+            ));
         }
-        Err(e) => return error_reply(502, socket, format!("calling the guest agent failed: {e}")),
+        Err(e) => return Err(error_reply(502, socket, format!("calling the guest agent failed: {e}"))),
     };
     if resp.status != 200 {
         let text = String::from_utf8_lossy(&resp.body);
-        return error_reply(
+        return Err(error_reply(
             502,
             socket,
             format!("guest agent answered HTTP {}: {text}", resp.status),
-        );
+        ));
     }
-    let parsed: Value = match serde_json::from_slice(&resp.body) {
-        Ok(v) => v,
-        Err(e) => return error_reply(502, socket, format!("guest agent Info is not JSON: {e}")),
-    };
-    let Value::Object(all) = parsed else {
-        return error_reply(502, socket, "guest agent Info is not a JSON object".into());
-    };
-    let mut shown = Map::new();
-    for field in SHOWN_FIELDS {
-        if let Some(v) = all.get(*field) {
-            shown.insert((*field).to_string(), v.clone());
-        }
-    }
-    InfoReply {
-        status: 200,
-        body: Value::Object(shown).to_string(),
+    let parsed: Value = serde_json::from_slice(&resp.body)
+        .map_err(|e| error_reply(502, socket, format!("guest agent {method} is not JSON: {e}")))?;
+    match parsed {
+        Value::Object(all) => Ok(all),
+        _ => Err(error_reply(
+            502,
+            socket,
+            format!("guest agent {method} is not a JSON object"),
+        )),
     }
 }

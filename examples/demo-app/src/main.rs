@@ -53,7 +53,8 @@ fn index_page(greeting: Option<&str>, host: &str) -> String {
     format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>dstack demo app</title></head>\n<body>\n\
          <h1>dstack demo app</h1>\n<p>Greeting: {greeting}</p>\n<p>Hostname: <code>{}</code></p>\n\
-         <p><a href=\"/info\">/info</a> shows this CVM's identity from the dstack guest agent.</p>\n</body></html>\n",
+         <p><a href=\"/info\">/info</a> shows this CVM's identity from the dstack guest agent; \
+         <code>/quote/&lt;hex report data&gt;</code> returns a quote with its event log.</p>\n</body></html>\n",
         escape_html(host)
     )
 }
@@ -73,6 +74,10 @@ fn route(req: &http::Request, settings: &Settings) -> (u16, &'static str, Vec<u8
             (reply.status, "application/json", reply.body.into_bytes())
         }
         "/health" => (200, "text/plain", b"ok\n".to_vec()),
+        p if p.starts_with("/quote/") => {
+            let reply = agent::quote(&settings.socket, &p["/quote/".len()..]);
+            (reply.status, "application/json", reply.body.into_bytes())
+        }
         _ => (404, "text/plain", b"not found\n".to_vec()),
     }
 }

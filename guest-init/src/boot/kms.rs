@@ -391,10 +391,8 @@ impl KmsCertSigner {
 
     async fn sign_inner(&self, req: &CertRequest, key: &KeyPair) -> Result<Vec<String>, String> {
         use rcgen::SigningKey;
-        if req.attestation.is_some() {
-            return Err("KMS SignCert cannot embed an attestation (usage_ra_tls) in this version".into());
-        }
-        let csr = serde_json::json!({
+        let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        let mut csr = serde_json::json!({
             "confirm": CSR_CONFIRM,
             "pubkey": hex::encode(key.subject_public_key_info()),
             "config": {
@@ -403,10 +401,16 @@ impl KmsCertSigner {
                 "subject_alt_names": req.alt_names,
                 "usage_server_auth": req.usage_server_auth,
                 "usage_client_auth": req.usage_client_auth,
-                "ext_quote": false,
+                "ext_quote": req.attestation.is_some(),
+                "not_before": req.not_before.and_then(unix),
+                "not_after": req.not_after.and_then(unix),
             },
-        })
-        .to_string();
+        });
+        // usage_ra_tls: the agent quoted this key; the KMS embeds and verifies the attestation.
+        if let Some(a) = &req.attestation {
+            csr["attestation"] = serde_json::json!({"quote": hex::encode(&a.quote), "event_log": a.event_log});
+        }
+        let csr = csr.to_string();
         let signature = key.sign(csr.as_bytes()).map_err(|e| format!("signing the CSR: {e}"))?;
         let c = self.connector.connect(&self.endpoint).await?;
         let r = c

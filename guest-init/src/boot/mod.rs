@@ -4,11 +4,12 @@
 //! Every step reports progress to the host; the first error is reported as `boot.error` and returned
 //! (PID 1 then powers off). The backends plug in through [`measure::Measurer`] ([`tee::TeeMeasurer`]),
 //! [`keys::KeySource`] ([`kms::KmsKeySource`]) and [`AgentStarter`] (`crate::backends::GuestAgent`).
-//! Gateway registration is not wired yet.
+//! Gateway registration ([`gateway`]) runs after the env step, before the agent and the app.
 
 pub mod config;
 pub mod docker;
 pub mod env;
+pub mod gateway;
 pub mod keys;
 pub mod kms;
 pub mod luks;
@@ -45,6 +46,8 @@ pub enum BootError {
     Env(#[from] env::EnvError),
     #[error("docker: {0}")]
     Docker(#[from] docker::DockerError),
+    #[error(transparent)]
+    Gateway(#[from] gateway::GatewayError),
     #[error("{what}: {reason}")]
     Step { what: String, reason: String },
 }
@@ -116,6 +119,8 @@ pub struct Deps<'a> {
     pub state: Option<&'a InitState>,
     /// Starts the guest agent once keys are in place (absent: no agent).
     pub agent: Option<&'a dyn AgentStarter>,
+    /// Registers with the gateway and brings up the WireGuard tunnel (absent: never).
+    pub gateway: Option<&'a gateway::Gateway>,
 }
 
 /// Starts the guest agent (step 10) after keys and env, before the app, so containers find its socket.
@@ -361,6 +366,23 @@ pub fn run(env: &BootEnv, deps: &Deps<'_>) -> Result<BootReport, BootError> {
 /// [`run`] after [`intake`].
 pub fn run_from(env: &BootEnv, deps: &Deps<'_>, shared: HostShared) -> Result<BootReport, BootError> {
     let (report, notifier) = prepare_from(env, deps, shared)?;
+    if let Some(gw) = deps.gateway {
+        match gw.setup(env, &report) {
+            Ok(Some(reg)) => notifier.notify(
+                "boot.progress",
+                &format!(
+                    "gateway tunnel {} up as {} via {}",
+                    reg.interface, reg.client_ip, reg.url
+                ),
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                let e = BootError::from(e);
+                notifier.notify("boot.error", &e.to_string());
+                return Err(e);
+            }
+        }
+    }
     if let Some(agent) = deps.agent {
         notifier.notify("boot.progress", "starting guest agent");
         if let Err(e) = agent.start(env, &report).map_err(step_err("guest agent")) {

@@ -41,6 +41,7 @@ fn none_provider_event_order_and_payloads() {
         kms: None,
         state: None,
         agent: None,
+        gateway: None,
     };
     let report = run(&t.env, &deps).unwrap();
     assert_eq!(
@@ -86,6 +87,7 @@ fn none_provider_gets_a_fresh_instance_every_boot() {
         kms: None,
         state: None,
         agent: None,
+        gateway: None,
     };
     let a = run(&t.env, &deps).unwrap();
     // The host stores what we reported and hands it back next boot.
@@ -152,6 +154,7 @@ fn kms_provider_persists_seed_and_measures_provider() {
         kms: Some(&kms),
         state: None,
         agent: None,
+        gateway: None,
     };
     let a = run(&t.env, &deps).unwrap();
     assert!(a.identity.seed_is_new);
@@ -194,6 +197,7 @@ fn kms_pin_mismatch_stops_before_disk() {
         kms: Some(&kms),
         state: None,
         agent: None,
+        gateway: None,
     };
     let err = run(&t.env, &deps).unwrap_err();
     assert!(
@@ -236,6 +240,7 @@ fn encrypted_env_is_decrypted_and_filtered() {
             kms: Some(&kms),
             state: None,
             agent: None,
+            gateway: None,
         },
     )
     .unwrap();
@@ -256,6 +261,7 @@ fn no_tee_stops_at_the_first_event() {
             kms: None,
             state: None,
             agent: None,
+            gateway: None,
         },
     )
     .unwrap_err();

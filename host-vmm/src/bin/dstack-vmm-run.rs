@@ -10,6 +10,8 @@ use clap::Parser;
 use dstack_host_vmm::devices::serial::SerialSink;
 use dstack_host_vmm::hypervisor::kvm::KvmHypervisor;
 use dstack_host_vmm::timing::{boottime_ns, process_start_ns};
+use dstack_host_vmm::virtio::net::parse_mac;
+use dstack_host_vmm::vmm::{NetBackendConfig, NetConfig};
 use dstack_host_vmm::{DeviceConfig, DiskConfig, RunReport, VmConfig, VmExit, Vmm, VsockConfig};
 
 #[derive(Parser, Debug)]
@@ -45,6 +47,16 @@ struct Args {
     /// connections to port P go to `<uds_path>_P`).
     #[arg(long, value_name = "CID,UDS_PATH")]
     vsock: Option<String>,
+    /// A virtio-net device: `passt:<socket>` (connect to a running passt's unix socket) or
+    /// `tap:<ifname>[,bridge=<name>]` (open/create the tap and attach it to an existing bridge).
+    #[arg(long, value_name = "passt:SOCKET|tap:IFNAME[,bridge=BR]")]
+    net: Option<String>,
+    /// MAC address of the virtio-net device.
+    #[arg(long, default_value = "52:54:00:12:34:56")]
+    mac: String,
+    /// Maximum MTU offered to the guest driver (VIRTIO_NET_F_MTU); default: not offered.
+    #[arg(long)]
+    mtu: Option<u16>,
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -125,6 +137,37 @@ fn parse_vsock(spec: &str) -> anyhow::Result<VsockConfig> {
     })
 }
 
+fn parse_net(spec: &str, mac: &str, mtu: Option<u16>) -> anyhow::Result<NetConfig> {
+    let backend = if let Some(socket) = spec.strip_prefix("passt:") {
+        anyhow::ensure!(!socket.is_empty(), "--net {spec}: empty socket path");
+        NetBackendConfig::Passt {
+            socket: PathBuf::from(socket),
+        }
+    } else if let Some(rest) = spec.strip_prefix("tap:") {
+        let (ifname, bridge) = match rest.split_once(',') {
+            Some((i, opt)) => {
+                let b = opt
+                    .strip_prefix("bridge=")
+                    .with_context(|| format!("--net {spec}: unknown option {opt:?} (expected bridge=NAME)"))?;
+                (i, Some(b.to_owned()))
+            }
+            None => (rest, None),
+        };
+        anyhow::ensure!(!ifname.is_empty(), "--net {spec}: empty interface name");
+        NetBackendConfig::Tap {
+            ifname: ifname.to_owned(),
+            bridge,
+        }
+    } else {
+        anyhow::bail!("--net {spec}: expected passt:SOCKET or tap:IFNAME[,bridge=BR]");
+    };
+    Ok(NetConfig {
+        mac: parse_mac(mac).with_context(|| format!("--mac {mac}"))?,
+        mtu,
+        backend,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let main_ns = boottime_ns();
     let args = Args::parse();
@@ -154,6 +197,11 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|d| parse_disk(d))
             .collect::<anyhow::Result<_>>()?,
+        net: args
+            .net
+            .as_deref()
+            .map(|n| parse_net(n, &args.mac, args.mtu))
+            .transpose()?,
         vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
         rng: args.rng,
     };
@@ -182,4 +230,35 @@ fn main() -> anyhow::Result<()> {
         VmExit::Timeout => eprintln!("vm: timed out"),
     }
     std::process::exit(report.exit.exit_code());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("passt:/r/v/passt.sock", "02:00:00:00:00:07", None).unwrap();
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 7]);
+        assert!(matches!(n.backend, NetBackendConfig::Passt { socket } if socket == Path::new("/r/v/passt.sock")));
+        let n = parse_net("tap:tap0,bridge=br0", "52:54:00:12:34:56", Some(1500)).unwrap();
+        assert_eq!(n.mtu, Some(1500));
+        assert!(
+            matches!(n.backend, NetBackendConfig::Tap { ifname, bridge } if ifname == "tap0" && bridge.as_deref() == Some("br0"))
+        );
+        let n = parse_net("tap:tap1", "52:54:00:12:34:56", None).unwrap();
+        assert!(matches!(n.backend, NetBackendConfig::Tap { bridge: None, .. }));
+        for (spec, mac, needle) in [
+            ("slirp", "52:54:00:12:34:56", "expected passt"),
+            ("passt:", "52:54:00:12:34:56", "empty socket"),
+            ("tap:tap0,mtu=9000", "52:54:00:12:34:56", "unknown option"),
+            ("tap:", "52:54:00:12:34:56", "empty interface"),
+            ("passt:/s", "ff:ff:ff:ff:ff:ff", "--mac"),
+        ] {
+            let e = format!("{:#}", parse_net(spec, mac, None).unwrap_err());
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+    }
 }

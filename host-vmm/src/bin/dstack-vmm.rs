@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use dstack_host_vmm::manager::backend::PasstNet;
 use dstack_host_vmm::manager::{self, Backend, BackendKind, KvmBackend, Manager, TcgBackend, VmmConfig};
 
 #[derive(Parser, Debug)]
@@ -35,6 +36,11 @@ fn backend(cfg: &VmmConfig) -> anyhow::Result<Box<dyn Backend>> {
         BackendKind::Kvm => Box::new(KvmBackend {
             vmm_run: c.vmm_run_path.clone().unwrap_or_else(|| sibling("dstack-vmm-run")),
             mkfs_erofs: c.mkfs_erofs_path.clone(),
+            passt: (!c.passt_path.as_os_str().is_empty()).then(|| PasstNet {
+                program: c.passt_path.clone(),
+                net: c.networking.net.clone(),
+                dhcp_start: c.networking.dhcp_start.clone(),
+            }),
         }),
         BackendKind::Tcg => {
             tracing::warn!("backend tcg: VMs run under QEMU software emulation (development/CI only, never TDX)");
@@ -67,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let backend = backend(&cfg)?;
     let mgr: Arc<Manager> = Manager::open(cfg.clone(), backend).context("loading VM state")?;
     let monitor = mgr.spawn_monitor();
-    let router = manager::router(mgr.clone());
+    let front = manager::dashboard::frontend(mgr.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -78,10 +84,13 @@ async fn main() -> anyhow::Result<()> {
         .strip_prefix("unix:")
         .context("address must be unix:<path>")?;
     let listener = dstack_rpc::bind_unix(path, 0o600).with_context(|| format!("binding {path}"))?;
-    tracing::info!("serving /prpc on unix:{path} (backend {})", mgr.backend().name());
-    let mut servers = vec![tokio::spawn(dstack_rpc::serve_unix(
+    tracing::info!(
+        "serving /prpc, /guest, /logs and the dashboard on unix:{path} (backend {})",
+        mgr.backend().name()
+    );
+    let mut servers = vec![tokio::spawn(manager::dashboard::serve(
         listener,
-        router.clone(),
+        front.clone(),
         wait_stop(stop_rx.clone()),
     ))];
     if let Some(addr) = &cfg.tcp_address {
@@ -89,9 +98,9 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!("serving /prpc on tcp:{addr} (bearer-token auth)");
-        servers.push(tokio::spawn(dstack_rpc::serve_tcp(
+        servers.push(tokio::spawn(manager::dashboard::serve(
             listener,
-            router,
+            front,
             wait_stop(stop_rx),
         )));
     }

@@ -1,6 +1,10 @@
 //! A recording fake of the hypervisor traits: every call is appended to a shared log with its arguments, and
 //! `run` replays a per-vCPU script of exits. Lets the boot sequence and run loop be tested without KVM.
 
+mod tdx;
+
+pub use tdx::{FakeTdxHost, PageData, TdxCall};
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,6 +54,8 @@ pub enum Call {
         port: u16,
         data: Vec<u8>,
     },
+    /// A TDX operation (see [`TdxCall`]).
+    Tdx(TdxCall),
 }
 
 /// An exit the fake returns from `run`, with owned data.
@@ -85,6 +91,10 @@ pub enum ScriptedExit {
     /// Behaves like a vCPU parked in the kernel (an AP waiting for SIPI): every `run` sleeps 1 ms and returns
     /// `Interrupted`, and this entry stays at the head of the script.
     Parked,
+    /// `KVM_EXIT_TDX` (reported as `VcpuExit::Other { reason: 40 }`; details via `TdxVcpu::tdx_vmcall`).
+    TdxVmcall(super::tdx::TdxVmcall),
+    /// `KVM_EXIT_MEMORY_FAULT` (reported as `VcpuExit::Other { reason: 39 }`).
+    MemoryFault(super::tdx::MemoryFault),
 }
 
 #[derive(Default)]
@@ -94,6 +104,7 @@ struct Shared {
     regs: HashMap<u32, StandardRegisters>,
     sregs: HashMap<u32, SpecialRegisters>,
     lapic: HashMap<u32, LapicState>,
+    td: tdx::TdState,
 }
 
 /// The fake `/dev/kvm`. Clone it to keep a handle for inspecting the log.
@@ -101,6 +112,8 @@ struct Shared {
 pub struct FakeHypervisor {
     shared: Arc<Mutex<Shared>>,
     supported_cpuid: Arc<Vec<CpuIdEntry>>,
+    /// `Some` when the fake host offers TDX.
+    tdx: Option<Arc<FakeTdxHost>>,
 }
 
 impl FakeHypervisor {
@@ -216,6 +229,7 @@ impl super::Vm for FakeVm {
             buf: Vec::new(),
             pending_in: None,
             mmio_buf: [0; 8],
+            last_exit: None,
         }))
     }
 }
@@ -226,6 +240,8 @@ struct FakeVcpu {
     buf: Vec<u8>,
     pending_in: Option<u16>,
     mmio_buf: [u8; 8],
+    /// The exit `run` returned last (the TDX accessors read it).
+    last_exit: Option<ScriptedExit>,
 }
 
 impl FakeVcpu {
@@ -317,7 +333,16 @@ impl super::Vcpu for FakeVcpu {
                 self.id
             )));
         };
+        self.last_exit = Some(next.clone());
         Ok(match next {
+            ScriptedExit::TdxVmcall(_) => VcpuExit::Other {
+                reason: super::tdx::EXIT_TDX,
+                name: "TDX",
+            },
+            ScriptedExit::MemoryFault(_) => VcpuExit::Other {
+                reason: super::tdx::EXIT_MEMORY_FAULT,
+                name: "MEMORY_FAULT",
+            },
             ScriptedExit::IoOut { port, data } => {
                 self.buf = data;
                 VcpuExit::IoOut { port, data: &self.buf }

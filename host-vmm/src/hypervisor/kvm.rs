@@ -1,5 +1,8 @@
 //! The KVM implementation of the hypervisor traits (the only module that calls `kvm-ioctls`).
 
+mod tdx;
+pub mod tdx_uapi;
+
 use std::sync::Arc;
 
 use kvm_bindings::{

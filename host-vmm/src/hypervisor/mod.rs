@@ -4,9 +4,13 @@
 //! [`Vcpu`] (one vCPU fd) — and plain data types of our own (registers, CPUID entries, exit reasons). Two
 //! implementations exist: [`kvm`] (the real thing, via `kvm-ioctls`) and [`fake`] (records every call with its
 //! arguments and replays scripted exits, so VMM logic is unit-testable without `/dev/kvm`).
+//!
+//! [`tdx`] extends the traits with the Intel TDX operations (`TdxHypervisor` → `TdxVm` → `TdxVcpu`), implemented
+//! by both.
 
 pub mod fake;
 pub mod kvm;
+pub mod tdx;
 
 use std::sync::Arc;
 
@@ -27,6 +31,14 @@ pub enum HypervisorError {
         set: usize,
         requested: usize,
         first_rejected: u32,
+    },
+    /// A TDX sub-command (`KVM_MEMORY_ENCRYPT_OP`) failed; `hw_error` is the TDX module's SEAMCALL status.
+    #[error("{op} failed: {source} (TDX hw_error {hw_error:#x})")]
+    Tdx {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+        hw_error: u64,
     },
     #[error("{0}")]
     Invalid(String),

@@ -18,7 +18,8 @@ use dstack_types::shared_files as sf;
 
 /// Grace period for `StopVm` (then SIGKILL).
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Grace period for `ShutdownVm`: the VM process gets SIGTERM and this long to finish.
+/// Grace period for `ShutdownVm`: the guest is asked to power off (guest API `Shutdown`; on `tcg` also the
+/// ACPI power button via QMP) and gets this long before the hard stop ([`super::shutdown`]).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The `Vmm` service.
@@ -101,7 +102,7 @@ impl VmmApi {
 }
 
 /// A locally administered MAC derived from the VM id (stable across restarts).
-fn mac_for(id: &str) -> String {
+pub(crate) fn mac_for(id: &str) -> String {
     let h = Sha256::digest(id.as_bytes());
     format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3], h[4])
 }
@@ -179,7 +180,9 @@ impl VmmRpc for VmmApi {
     }
 
     async fn shutdown_vm(&self, _ctx: &CallContext, req: Id) -> Result<Empty, RpcError> {
-        self.blocking(move |m| m.stop(&req.id, SHUTDOWN_GRACE)).await?;
+        super::shutdown::graceful(&self.mgr, &req.id, SHUTDOWN_GRACE)
+            .await
+            .map_err(RpcError::handler)?;
         Ok(Empty {})
     }
 

@@ -3,10 +3,12 @@
 //! (ro, an erofs built from `shared/`), a vsock device whose host side is `<workdir>/vsock.sock`
 //! (connections to host port P arrive at `vsock.sock_P`), virtio-rng, and a serial console to `serial.log`.
 //!
-//! * `kvm`: our `dstack-vmm-run` on /dev/kvm.
+//! * `kvm`: our `dstack-vmm-run` on /dev/kvm, with user-mode networking by `passt` (a supervised process
+//!   beside the VMM, serving `<workdir>/passt.sock`; port mappings become passt `-t`/`-u` forwards).
 //! * `tcg`: QEMU software emulation, vsock over vhost-user served by `vhost-device-vsock` (same host-side
 //!   socket interface). Emulation: for development and CI only.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use dstack_rpc::vmm::PortMapping;
@@ -14,6 +16,7 @@ use serde::Deserialize;
 
 use super::state::Workdir;
 use super::supervisor::ProcSpec;
+use crate::virtio::net::passt::{PortForward, passt_args, runas_for_current_user};
 
 /// Errors preparing a launch.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +227,81 @@ fn vm_spec(input: &LaunchInput<'_>, program: PathBuf, args: Vec<String>) -> Proc
 pub struct KvmBackend {
     pub vmm_run: PathBuf,
     pub mkfs_erofs: PathBuf,
+    /// User-mode networking; None gives VMs no network device (and refuses port mappings).
+    pub passt: Option<PasstNet>,
+}
+
+/// How the `kvm` backend runs passt: the binary and the guest subnet (the `tcg` backend's `net`/`dhcp_start`
+/// semantics: the guest gets `dhcp_start`, the gateway is the subnet's `.2`, which passt maps to the host).
+#[derive(Debug, Clone)]
+pub struct PasstNet {
+    pub program: PathBuf,
+    pub net: String,
+    pub dhcp_start: String,
+}
+
+/// passt's socket in the VM's work directory.
+pub fn passt_socket_path(wd: &Workdir) -> PathBuf {
+    wd.path().join("passt.sock")
+}
+
+/// `-a ADDR -n PREFIX -g GATEWAY` for passt from `net` (`a.b.c.d/len`) and `dhcp_start`.
+fn passt_addressing(p: &PasstNet) -> Result<Vec<String>, BackendError> {
+    let bad = |reason: String| BackendError::Prepare {
+        what: "passt networking".into(),
+        reason,
+    };
+    let (base, len) = p
+        .net
+        .split_once('/')
+        .ok_or_else(|| bad(format!("net {:?} is not a.b.c.d/len", p.net)))?;
+    let base: Ipv4Addr = base.parse().map_err(|_| bad(format!("net {:?}: bad address", p.net)))?;
+    let len: u32 = len
+        .parse()
+        .ok()
+        .filter(|l| (8..=30).contains(l))
+        .ok_or_else(|| bad(format!("net {:?}: prefix length must be 8..=30", p.net)))?;
+    let mask = u32::MAX << (32 - len);
+    let network = u32::from(base) & mask;
+    let addr: Ipv4Addr = p
+        .dhcp_start
+        .parse()
+        .map_err(|_| bad(format!("dhcp_start {:?}: bad address", p.dhcp_start)))?;
+    let gateway = Ipv4Addr::from(network | 2);
+    let host = u32::from(addr) & !mask;
+    if u32::from(addr) & mask != network || addr == gateway || host == 0 || host == !mask {
+        return Err(bad(format!(
+            "dhcp_start {addr} is not a host address in {} other than the gateway {gateway}",
+            p.net
+        )));
+    }
+    Ok(vec![
+        "-a".into(),
+        addr.to_string(),
+        "-n".into(),
+        len.to_string(),
+        "-g".into(),
+        gateway.to_string(),
+    ])
+}
+
+/// The VM's port mappings as passt forwards (empty host address: `default_host_address`).
+fn port_forwards(input: &LaunchInput<'_>) -> Result<Vec<PortForward>, BackendError> {
+    input
+        .ports
+        .iter()
+        .map(|p| {
+            let addr = if p.host_address.is_empty() {
+                input.default_host_address
+            } else {
+                &p.host_address
+            };
+            PortForward::parse(&p.protocol, addr, p.host_port, p.vm_port).map_err(|e| BackendError::Prepare {
+                what: "port mapping".into(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 impl Backend for KvmBackend {
@@ -237,14 +315,52 @@ impl Backend for KvmBackend {
         prepare_disks(input, &self.mkfs_erofs)
     }
     fn plan(&self, input: &LaunchInput<'_>) -> Result<Vec<ProcSpec>, BackendError> {
-        if !input.ports.is_empty() {
-            return Err(BackendError::Unsupported {
-                backend: "kvm",
-                reason: "port mapping needs user networking, which dstack-vmm-run does not expose yet".into(),
-            });
+        let wd = input.workdir;
+        let mut procs = Vec::new();
+        let mut net_args = Vec::new();
+        match &self.passt {
+            None if !input.ports.is_empty() => {
+                return Err(BackendError::Unsupported {
+                    backend: "kvm",
+                    reason: "port mapping needs user networking, and no passt is configured".into(),
+                });
+            }
+            None => {}
+            Some(p) => {
+                let socket = passt_socket_path(wd);
+                let _ = std::fs::remove_file(&socket);
+                // passt logs to its own size-capped file; stdout/stderr only catch early failures.
+                let out = wd.path().join("passt.out");
+                let mut args = passt_args(
+                    &socket,
+                    &port_forwards(input)?,
+                    Some(&wd.path().join("passt.log")),
+                    runas_for_current_user().as_deref(),
+                );
+                args.extend(passt_addressing(p)?);
+                procs.push(ProcSpec {
+                    name: "passt".into(),
+                    program: p.program.clone(),
+                    args,
+                    cwd: wd.path().to_owned(),
+                    stdout: out.clone(),
+                    stderr: out,
+                    ready_path: Some(socket.clone()),
+                });
+                let id = wd
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                net_args = vec![
+                    "--net".into(),
+                    format!("passt:{}", socket.display()),
+                    "--mac".into(),
+                    super::api::mac_for(&id),
+                ];
+            }
         }
         let (disks, cmdline) = disks_and_cmdline(input)?;
-        let wd = input.workdir;
         let mut args = vec!["--kernel".into(), input.image.kernel()?.display().to_string()];
         if let Some(initrd) = input.image.initrd()? {
             args.extend(["--initrd".into(), initrd.display().to_string()]);
@@ -264,12 +380,14 @@ impl Backend for KvmBackend {
             let mode = if d.read_only { "ro" } else { "rw" };
             args.extend(["--disk".into(), format!("{},{mode}", d.path.display())]);
         }
+        args.extend(net_args);
         args.extend([
             "--vsock".into(),
             format!("{},{}", input.cid, wd.vsock_uds().display()),
             "--rng".into(),
         ]);
-        Ok(vec![vm_spec(input, self.vmm_run.clone(), args)])
+        procs.push(vm_spec(input, self.vmm_run.clone(), args));
+        Ok(procs)
     }
 }
 
@@ -342,6 +460,9 @@ impl Backend for TcgBackend {
             mem,
             "-nographic".into(),
             "-nodefaults".into(),
+            // QMP: ShutdownVm presses the ACPI power button through it (`manager::shutdown`).
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qemu_path(&super::qmp::socket_path(wd))?),
             // append=on: log rotation truncates the file, and writers must then continue at its start.
             "-chardev".into(),
             format!("file,id=ser0,path={},append=on", qemu_path(&wd.serial_log())?),
@@ -425,6 +546,25 @@ mod tests {
         }
     }
 
+    fn kvm(passt: bool) -> KvmBackend {
+        KvmBackend {
+            vmm_run: "/bin/dstack-vmm-run".into(),
+            mkfs_erofs: "mkfs.erofs".into(),
+            passt: passt.then(|| PasstNet {
+                program: "/usr/bin/passt".into(),
+                net: "10.0.2.0/24".into(),
+                dhcp_start: "10.0.2.10".into(),
+            }),
+        }
+    }
+
+    /// passt's `--runas` part of the expected command line (present only when the tests run as root).
+    fn runas() -> String {
+        runas_for_current_user()
+            .map(|r| format!(" --runas {r}"))
+            .unwrap_or_default()
+    }
+
     #[test]
     fn effective_cmdline_keeps_an_image_that_names_its_disks() {
         let dir = Path::new("/r");
@@ -446,12 +586,7 @@ mod tests {
     fn kvm_command_line() {
         let wd = Workdir::new(Path::new("/r"), "v");
         let img = image(Path::new("/i"), true);
-        let plan = KvmBackend {
-            vmm_run: "/bin/dstack-vmm-run".into(),
-            mkfs_erofs: "mkfs.erofs".into(),
-        }
-        .plan(&input(&wd, &img, &[]))
-        .unwrap();
+        let plan = kvm(false).plan(&input(&wd, &img, &[])).unwrap();
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].program, PathBuf::from("/bin/dstack-vmm-run"));
         assert_eq!(
@@ -496,6 +631,7 @@ mod tests {
             plan[1].command_line(),
             "qemu-system-x86_64 -accel tcg -machine q35,memory-backend=mem \
              -object memory-backend-memfd,id=mem,size=2048M,share=on -smp 1 -m 2048M -nographic -nodefaults \
+             -qmp unix:/r/v/qmp.sock,server=on,wait=off \
              -chardev file,id=ser0,path=/r/v/serial.log,append=on -serial chardev:ser0 -kernel /i/img/bzImage -initrd /i/img/initramfs.cpio.gz \
              -append console=ttyS0 panic=1 dstack.data_device=/dev/vda dstack.host_shared=/dev/vdb \
              -drive file=/r/v/hda.img,format=raw,if=none,id=hd0 -device virtio-blk-pci,drive=hd0 \
@@ -517,16 +653,70 @@ mod tests {
     }
 
     #[test]
-    fn kvm_refuses_port_mapping_clearly() {
+    fn kvm_starts_passt_with_port_mappings() {
         let wd = Workdir::new(Path::new("/r"), "v");
         let img = image(Path::new("/i"), false);
-        let ports = [PortMapping::default()];
-        let e = KvmBackend {
-            vmm_run: "x".into(),
-            mkfs_erofs: "y".into(),
+        let ports = [
+            PortMapping {
+                protocol: "tcp".into(),
+                host_port: 8080,
+                vm_port: 80,
+                host_address: String::new(),
+            },
+            PortMapping {
+                protocol: "udp".into(),
+                host_port: 5353,
+                vm_port: 53,
+                host_address: "0.0.0.0".into(),
+            },
+        ];
+        let plan = kvm(true).plan(&input(&wd, &img, &ports)).unwrap();
+        assert_eq!(plan.len(), 2);
+        assert_eq!(plan[0].name, "passt");
+        assert_eq!(
+            plan[0].command_line(),
+            format!(
+                "/usr/bin/passt -f -1 --socket /r/v/passt.sock --log-file /r/v/passt.log{} \
+                 -t 127.0.0.1/8080:80 -u 0.0.0.0/5353:53 -a 10.0.2.10 -n 24 -g 10.0.2.2",
+                runas()
+            )
+        );
+        assert_eq!(plan[0].ready_path, Some(PathBuf::from("/r/v/passt.sock")));
+        assert_eq!(plan[0].stderr, PathBuf::from("/r/v/passt.out"));
+        // The VMM connects to passt's socket; the MAC is the one the API reports for the VM.
+        let vm_args = plan[1].args.join(" ");
+        assert!(
+            vm_args.contains(&format!(
+                "--disk /r/v/shared.img,ro --net passt:/r/v/passt.sock --mac {} --vsock 1001,/r/v/vsock.sock",
+                crate::manager::api::mac_for("v")
+            )),
+            "{vm_args}"
+        );
+    }
+
+    #[test]
+    fn kvm_port_mapping_errors_are_clear() {
+        let wd = Workdir::new(Path::new("/r"), "v");
+        let img = image(Path::new("/i"), false);
+        let ports = [PortMapping {
+            protocol: "tcp".into(),
+            host_port: 8080,
+            vm_port: 80,
+            host_address: String::new(),
+        }];
+        let e = kvm(false).plan(&input(&wd, &img, &ports)).unwrap_err();
+        assert!(e.to_string().contains("no passt"), "{e}");
+        let bad = [PortMapping {
+            protocol: "sctp".into(),
+            ..ports[0].clone()
+        }];
+        let e = kvm(true).plan(&input(&wd, &img, &bad)).unwrap_err();
+        assert!(e.to_string().contains("tcp or udp"), "{e}");
+        let mut b = kvm(true);
+        if let Some(p) = b.passt.as_mut() {
+            p.dhcp_start = "10.0.3.10".into();
         }
-        .plan(&input(&wd, &img, &ports))
-        .unwrap_err();
-        assert!(e.to_string().contains("port mapping"), "{e}");
+        let e = b.plan(&input(&wd, &img, &[])).unwrap_err();
+        assert!(e.to_string().contains("dhcp_start"), "{e}");
     }
 }

@@ -143,6 +143,9 @@ pub struct CvmConfig {
     pub qemu_path: PathBuf,
     /// vhost-user vsock daemon for the `tcg` backend. Default `vhost-device-vsock`.
     pub vhost_vsock_path: PathBuf,
+    /// passt, the user-mode networking of the `kvm` backend (Debian `passt`). Default `passt`; empty: VMs get
+    /// no network device and port mappings are refused.
+    pub passt_path: PathBuf,
     /// Builds the read-only host-shared disk (erofs) from `shared/` at each start. Default `mkfs.erofs`.
     pub mkfs_erofs_path: PathBuf,
     /// First guest CID (≥ 3: 0–2 are reserved). Default 1000.
@@ -177,6 +180,7 @@ impl Default for CvmConfig {
             vmm_run_path: None,
             qemu_path: "qemu-system-x86_64".into(),
             vhost_vsock_path: "vhost-device-vsock".into(),
+            passt_path: "passt".into(),
             mkfs_erofs_path: "mkfs.erofs".into(),
             cid_start: 1000,
             cid_pool_size: 1000,

@@ -11,11 +11,17 @@
 //! - [`services`] — host API + simulated TDX per VM; host-shared files.
 //! - [`validate`] — request checks.
 //! - [`api`] — the `Vmm` service and the TCP auth gate.
+//! - [`dashboard`] — the HTTP front (pRPC, guest API proxy, logs, web dashboard).
+//! - [`guest_proxy`] — `ProxiedGuestApi` over hybrid vsock; [`qmp`], [`shutdown`] — graceful `ShutdownVm`.
 
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod dashboard;
+pub mod guest_proxy;
+pub mod qmp;
 pub mod services;
+pub mod shutdown;
 pub mod state;
 pub mod supervisor;
 pub mod validate;

@@ -12,6 +12,7 @@ use dstack_host_vmm::payload::{PAYLOAD_LOAD_ADDR, elf64};
 use dstack_host_vmm::{RunReport, VmConfig, Vmm};
 pub use iced_x86::code_asm::*;
 
+pub mod net_guest;
 pub mod virtio_guest;
 
 pub const COM1: u32 = 0x3f8;

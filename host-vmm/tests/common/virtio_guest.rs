@@ -158,6 +158,18 @@ pub fn map_capabilities(a: &mut CodeAssembler, vars: u64) {
 
 /// Status handshake, VERSION_1 only, and the given queues (size 16); then DRIVER_OK.
 pub fn init_device(a: &mut CodeAssembler, fails: &mut Fails, vars: u64, queues: &[Vq], fail_code: u8) {
+    init_device_features(a, fails, vars, queues, fail_code, 1 << 32);
+}
+
+/// [`init_device`] accepting the given feature bits (which must include VERSION_1, bit 32).
+pub fn init_device_features(
+    a: &mut CodeAssembler,
+    fails: &mut Fails,
+    vars: u64,
+    queues: &[Vq],
+    fail_code: u8,
+    features: u64,
+) {
     let fail = fails.at(a, fail_code);
     a.mov(r13, vars).unwrap();
     a.mov(rdi, qword_ptr(r13 + V_COMMON)).unwrap();
@@ -165,9 +177,9 @@ pub fn init_device(a: &mut CodeAssembler, fails: &mut Fails, vars: u64, queues: 
         a.mov(byte_ptr(rdi + 0x14), s).unwrap();
     }
     a.mov(dword_ptr(rdi + 0x08), 1u32).unwrap(); // driver_feature_select = 1
-    a.mov(dword_ptr(rdi + 0x0c), 1u32).unwrap(); // VERSION_1
+    a.mov(dword_ptr(rdi + 0x0c), (features >> 32) as u32).unwrap();
     a.mov(dword_ptr(rdi + 0x08), 0u32).unwrap();
-    a.mov(dword_ptr(rdi + 0x0c), 0u32).unwrap();
+    a.mov(dword_ptr(rdi + 0x0c), features as u32).unwrap();
     a.mov(byte_ptr(rdi + 0x14), 0x0bu32).unwrap();
     a.movzx(eax, byte_ptr(rdi + 0x14)).unwrap();
     a.test(al, 0x08).unwrap();

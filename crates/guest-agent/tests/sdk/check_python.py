@@ -135,4 +135,53 @@ assert "BEGIN PRIVATE KEY" in tk.key and len(tk.certificate_chain) == 3
 ti = tappd.info()
 assert ti.app_id == info["app_id"]
 
+# Attest: dstack's VersionedAttestation::V0 in SCALE, decoded here independently of the Rust codec.
+def scale_compact(b, i):
+    mode = b[i] & 3
+    if mode == 0:
+        return b[i] >> 2, i + 1
+    if mode == 1:
+        return int.from_bytes(b[i:i + 2], "little") >> 2, i + 2
+    if mode == 2:
+        return int.from_bytes(b[i:i + 4], "little") >> 2, i + 4
+    n = (b[i] >> 2) + 4
+    return int.from_bytes(b[i + 1:i + 1 + n], "little"), i + 1 + n
+
+
+def scale_bytes(b, i):
+    n, i = scale_compact(b, i)
+    assert i + n <= len(b)
+    return b[i:i + n], i + n
+
+
+ard = b"python-sdk-attest"
+att = client.attest(ard).decode_attestation()
+assert att[0] == 0 and att[1] == 0, "not V0 / DstackTdx"
+aquote, pos = scale_bytes(att, 2)
+n, pos = scale_compact(att, pos)
+for _ in range(n):  # TdxEvent: imr u32, event_type u32, digest, event, event_payload
+    pos += 8
+    for _f in range(3):
+        _, pos = scale_bytes(att, pos)
+n, pos = scale_compact(att, pos)
+runtime = []
+for _ in range(n):
+    name, pos = scale_bytes(att, pos)
+    payload, pos = scale_bytes(att, pos)
+    runtime.append((name, payload))
+areport = att[pos:pos + 64]
+pos += 64
+config, pos = scale_bytes(att, pos)
+assert pos == len(att), "trailing bytes"
+assert areport == ard.ljust(64, b"\0")
+# TDX v4 quote: 48-byte header, then the TD report: RTMR3 at 472, report_data at 520.
+assert aquote[568:632] == areport
+mr = bytes(48)
+for name, payload in runtime:
+    mr = hashlib.sha384(mr + hashlib.sha384((0x08000001).to_bytes(4, "little") + b":" + name + b":" + payload).digest()).digest()
+assert mr == aquote[520:568], "runtime events do not replay to the quoted RTMR3"
+assert (b"python-sdk-event", b"hello") in runtime
+assert config.decode() == client.info().vm_config
+out["attestations"] = [{"attestation": att.hex(), "expected_report_data": areport.hex()}]
+
 print(json.dumps(out))

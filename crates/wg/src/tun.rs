@@ -9,7 +9,7 @@ use std::process::Command;
 
 use tokio::io::unix::AsyncFd;
 
-use crate::config::Cidr;
+use crate::Cidr;
 
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

@@ -6,9 +6,9 @@ use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use dstack_rpc::gateway::RegisterCvmResponse;
 
-use super::{DeviceConfig, PeerConfig, WgDevice, decode_key};
-use crate::config::Cidr;
-use crate::registration::WgError;
+use crate::device::{DeviceConfig, PeerConfig, WgDevice, decode_key};
+use crate::tun::Tun;
+use crate::{Cidr, WgError};
 
 /// dstack's guest WireGuard port.
 pub const CLIENT_LISTEN_PORT: u16 = 9182;
@@ -81,6 +81,20 @@ impl ClientTunnel {
     /// Start the userspace tunnel (inside a tokio runtime, in the current network namespace).
     pub async fn start(self) -> Result<WgDevice, WgError> {
         let dev = WgDevice::start(self.device).await?;
+        dev.set_peer_configs(&self.peers)?;
+        dev.initiate_handshakes();
+        Ok(dev)
+    }
+
+    /// [`ClientTunnel::start`] with the interface addressed by `configure` (called once the tun device
+    /// exists, before any packet flows) instead of iproute2.
+    pub async fn start_with(
+        self,
+        configure: impl FnOnce(&Tun, &DeviceConfig) -> Result<(), WgError>,
+    ) -> Result<WgDevice, WgError> {
+        let tun = Tun::open(&self.device.ifname).map_err(|e| WgError(format!("tun {}: {e}", self.device.ifname)))?;
+        configure(&tun, &self.device)?;
+        let dev = WgDevice::start_on(tun, &self.device).await?;
         dev.set_peer_configs(&self.peers)?;
         dev.initiate_handshakes();
         Ok(dev)
