@@ -36,6 +36,9 @@ pub const BOOT_MODULES: &[&str] = &[
     "wireguard",
     // guest-init's gateway tunnel: boringtun on a tun device.
     "tun",
+    // The ACPI power button as an input device: graceful ShutdownVm presses it.
+    "button",
+    "evdev",
 ];
 
 /// Modules dockerd needs for its default bridge network with iptables (nft backend) and overlay2.

@@ -12,9 +12,12 @@
 //! - `SIGINT`: orderly reboot (ctrl-alt-del is routed here with `reboot(CAD_OFF)`, as init does).
 //! - `SIGUSR1`: internal wake-up for a request made with [`request_power`] (e.g. a fatal boot error).
 //! - `SIGHUP`: ignored (logged).
+//!
+//! The ACPI power button (an input device) is watched by [`power_button`]: a press is an orderly power-off.
 
 pub mod modules;
 pub mod mounts;
+pub mod power_button;
 pub mod shutdown;
 pub mod switch_root;
 pub mod verity;
@@ -281,6 +284,7 @@ pub fn run(opts: Pid1Options, boot: impl FnOnce(Arc<InitState>, Cmdline) + Send 
     if is_pid1 {
         // Route ctrl-alt-del to SIGINT instead of an immediate reboot (EINVAL in a PID namespace).
         let _ = nix::sys::reboot::set_cad_enabled(false);
+        power_button::start(&root);
     }
     for spec in opts.services.clone() {
         state.supervisor.start(spec);
