@@ -342,8 +342,15 @@ mod tests {
 
         let image = Image::load(images.path(), "img").unwrap();
         let init = initial_state(Some(&image), "vm", 2, 4096);
-        let expected = ImageFiles::load(&dir)
-            .unwrap()
+        // The VM boots with the image's command line plus the disk parameters (this image names none): the
+        // prediction must be of that effective command line.
+        let mut files = ImageFiles::load(&dir).unwrap();
+        files.cmdline = super::super::backend::effective_cmdline(&image).unwrap();
+        assert_eq!(
+            files.cmdline,
+            "console=ttyS0 dstack.data_device=/dev/vda dstack.host_shared=/dev/vdb"
+        );
+        let expected = files
             .predict(&VmShape {
                 vcpus: 2,
                 memory_bytes: 4096 << 20,
