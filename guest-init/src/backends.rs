@@ -145,6 +145,14 @@ impl GuestAgent {
             .and_then(|v| v.get("os_image_hash").and_then(|h| h.as_str()).map(str::to_owned))
             .and_then(|h| hex::decode(h).ok())
             .unwrap_or_default();
+        // Info's device_id is sha256(PPID) from this TD's own quote (dstack reports it the same way).
+        let device_id = match self.rt.block_on(self.measurer.tee().quote([0; 64])) {
+            Ok(q) => dstack_guest_agent::self_reported_device_id(&q),
+            Err(e) => {
+                tracing::warn!("no quote for the device id: {e}");
+                Vec::new()
+            }
+        };
         Agent::new(AgentConfig {
             app_keys: keys.clone(),
             cert_signer: signer,
@@ -154,7 +162,7 @@ impl GuestAgent {
             app_id: report.identity.app_id.0.to_vec(),
             instance_id: report.identity.instance_id_bytes().to_vec(),
             compose_hash: report.identity.compose_hash.0.to_vec(),
-            device_id: Vec::new(),
+            device_id,
             vm_config: sys.vm_config.clone(),
             os_image_hash,
             key_provider_info,

@@ -16,9 +16,12 @@
 //! * [`onboard`]: replication — `Onboard.Onboard` fetches the root keys from another KMS over mutually attested
 //!   RA-TLS (`GetKmsKey`), each side asking its policy whether the other is an allowed KMS.
 //! * [`image`]: OS image verification (`[core.image]`) and the image cache; [`admin_service`]: the `Admin`
-//!   service (`ClearImageCache`) on its own token-protected listener.
+//!   service (`ClearImageCache`, `RevokeCerts`) on its own token-protected listener.
+//! * [`revocation`]: revoked certificates (`revocations.json` in `cert_dir`) and the CRL signed by the root CA
+//!   that the KMS publishes (`Revocation.GetCrl`, `GET /prpc/GetCrl`); RA-TLS verifiers load it with
+//!   [`dstack_ra_tls::RevocationList`].
 //!
-//! Not implemented yet: certificate revocation, `Onboard.GetAttestationInfo`.
+//! Not implemented yet: `Onboard.GetAttestationInfo`; replication does not copy `revocations.json`.
 
 pub mod admin;
 pub mod admin_service;
@@ -29,6 +32,7 @@ pub mod image;
 pub mod onboard;
 pub mod onchain;
 pub mod policy;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod store;

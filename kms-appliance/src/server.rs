@@ -8,7 +8,7 @@ use std::sync::Arc;
 use dstack_measurements::sim::SimRootPin;
 use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, StaticCollateral};
 use dstack_rpc::RpcRouter;
-use dstack_rpc::kms::{AdminServer, KmsServer, OnboardServer};
+use dstack_rpc::kms::{AdminServer, KmsServer, OnboardServer, RevocationServer};
 use dstack_tee::{RUNTIME_EVENT_LOG_FILE, TeeConfig, TeeError, TeeRequest, detect, tdx::TdxPaths};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -21,6 +21,7 @@ use crate::config::{AttestationConfig, KmsConfig};
 use crate::image::ImageVerifier;
 use crate::onboard::OnboardContext;
 use crate::policy::AuthApi;
+use crate::revocation::{CrlService, RevocationStore};
 use crate::service::KmsService;
 use crate::store::KeyStore;
 
@@ -102,6 +103,7 @@ pub struct Kms {
     verifier: Arc<AttestationVerifier>,
     auth: AuthApi,
     image: Arc<ImageVerifier>,
+    revocations: Arc<RevocationStore>,
 }
 
 /// A running plain-HTTP server (the `Admin` service).
@@ -176,6 +178,7 @@ impl Kms {
         if config.core.image.verify {
             tracing::info!(cache_dir = %config.core.image.cache_dir.display(), "OS image verification is on");
         }
+        let revocations = Arc::new(RevocationStore::open(&config.core.cert_dir)?);
         Ok(Self {
             store: KeyStore::new(&config.core.cert_dir),
             config,
@@ -183,7 +186,13 @@ impl Kms {
             verifier,
             auth,
             image,
+            revocations,
         })
+    }
+
+    /// What the admin revoked (also used by `Admin.RevokeCerts` and `Revocation.GetCrl`).
+    pub fn revocations(&self) -> &Arc<RevocationStore> {
+        &self.revocations
     }
 
     /// The image cache (also used by `Admin.ClearImageCache`).
@@ -226,7 +235,15 @@ impl Kms {
         let tls = crate::tls::server_config(&keys)?;
         let image = self.config.core.image.verify.then(|| Arc::clone(&self.image));
         let service = KmsService::new(keys, Arc::clone(&self.verifier), self.auth.clone(), image);
-        let router = Arc::new(RpcRouter::new("/prpc").service(KmsServer::new(service.clone())));
+        let crl = CrlService {
+            kms: service.clone(),
+            store: Arc::clone(&self.revocations),
+        };
+        let router = Arc::new(
+            RpcRouter::new("/prpc")
+                .service(KmsServer::new(service.clone()))
+                .service(RevocationServer::new(crl)),
+        );
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(dstack_rpc::serve_tls(listener, tls, router, async {
@@ -247,7 +264,11 @@ impl Kms {
         if admin.auth_token.is_empty() {
             tracing::warn!("[core.admin] auth_token is empty: every Admin call will be refused");
         }
-        let svc = AdminService::new(&admin.auth_token, Arc::clone(&self.image));
+        let svc = AdminService::new(
+            &admin.auth_token,
+            Arc::clone(&self.image),
+            Arc::clone(&self.revocations),
+        );
         let router = Arc::new(RpcRouter::new("/prpc").service(AdminServer::new(svc)));
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();

@@ -17,7 +17,9 @@
 //! OIDs) and is verified like any RA-TLS certificate before it is returned: quote, key binding, event-log replay,
 //! and its attested app id and instance id must be the caller's. The certificate is issued under the app CA
 //! (`derive_p256(root_ca, [app_id, "app-ca"])`, "Dstack App CA", usage `app:ca`) with usage `app:custom`;
-//! the chain returned is `[leaf, app CA, KMS root CA]`.
+//! the chain returned is `[leaf, app CA, KMS root CA]`. Each leaf gets a random 16-byte serial (what
+//! `Admin.RevokeCerts` names) and, unless the CSR asks otherwise, notBefore = the time of issue (what an
+//! app-wide revocation's `issued_before` compares against).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -207,6 +209,8 @@ impl KmsState {
             ca_level: Some(0),
             app_id: Some(app_id.to_vec()),
             special_usage: Some("app:ca".into()),
+            // Not rcgen's 1975 default: an app-wide revocation compares notBefore with its cutoff.
+            not_before: Some(SystemTime::now()),
             ..Default::default()
         };
         CaCert::issued_by(&req, key, &self.keys.root_ca).map_err(|e| internal(&e))
@@ -400,15 +404,24 @@ impl KmsRpc for KmsService {
             usage_client_auth: csr.config.usage_client_auth,
             app_id: Some(caller.app_id.to_vec()),
             special_usage: Some("app:custom".into()),
-            not_before: csr.config.not_before.map(secs),
+            not_before: Some(csr.config.not_before.map_or_else(SystemTime::now, secs)),
             not_after: csr.config.not_after.map(secs),
             attestation,
             ..Default::default()
         };
         let quoted = cert_req.attestation.is_some();
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| RpcError::Internal(format!("SignCert: serial: {e}")))?;
+        // Positive and exactly 16 bytes (no leading zero byte to strip).
+        serial[0] = (serial[0] & 0x7f) | 0x40;
         let leaf = app_ca
-            .issue(&cert_req, &public)
+            .issue_with_serial(&cert_req, &public, &serial)
             .map_err(|e| deny(format!("SignCert: {e}")))?;
+        tracing::info!(
+            app_id = %hex::encode(caller.app_id),
+            serial = %hex::encode(serial),
+            "SignCert: certificate issued"
+        );
         if quoted {
             // The embedded attestation must verify for this key and be the caller's own app and instance.
             let id = match s.verifier.verify_cert(leaf.der(), now_secs()) {

@@ -6,9 +6,11 @@ use std::fmt;
 
 use dcap_qvl::QuoteCollateralV3;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use x509_cert::Certificate;
 
 use crate::quote::{Quote, QuoteError};
-use crate::sim::{SimError, SimRootPin, is_simulated_quote, verify_simulated};
+use crate::sim::{SimError, SimRootPin, is_simulated_quote, sim_ppid, verify_simulated};
 
 /// TCB status of a verified quote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,12 +101,44 @@ pub struct VerifiedQuote {
     pub status: TcbStatus,
     pub advisory_ids: Vec<String>,
     pub quote: Quote,
+    /// PPID from the verified PCK certificate: Intel's SGX extension (OID 1.2.840.113741.1.13.1.1)
+    /// for real quotes, the simulator's own extension for simulated ones; empty if the cert has none.
+    pub ppid: Vec<u8>,
 }
 
 impl VerifiedQuote {
     pub fn is_simulated(&self) -> bool {
         self.status == TcbStatus::Simulated
     }
+
+    /// dstack's device id, `sha256(PPID)`; empty when the PCK certificate carries no PPID.
+    pub fn device_id(&self) -> Vec<u8> {
+        device_id_of_ppid(&self.ppid)
+    }
+}
+
+/// `sha256(ppid)`, or empty for an empty PPID (no device identity rather than the hash of nothing).
+pub fn device_id_of_ppid(ppid: &[u8]) -> Vec<u8> {
+    if ppid.is_empty() {
+        Vec::new()
+    } else {
+        Sha256::digest(ppid).to_vec()
+    }
+}
+
+/// The PPID in the PCK leaf a quote carries, read WITHOUT verifying anything: for a TD reporting its
+/// own device id (guest agent `Info`), never for trusting someone else's. `None` when the quote has no
+/// PEM chain or the leaf has no (well-formed) PPID.
+pub fn self_reported_ppid(quote: &Quote) -> Option<Vec<u8>> {
+    let pem = quote.pck_chain_pem()?;
+    if is_simulated_quote(quote) {
+        let certs = Certificate::load_pem_chain(pem.as_bytes()).ok()?;
+        return sim_ppid(certs.first()?).ok().flatten();
+    }
+    dcap_qvl::intel::parse_pck_extension_from_pem(pem.as_bytes())
+        .ok()
+        .map(|e| e.ppid)
+        .filter(|p| !p.is_empty())
 }
 
 /// The `{status, advisory_ids}` JSON of `dstack-measure verify`.
@@ -136,6 +170,16 @@ pub fn parse_collateral(json: &[u8]) -> Result<QuoteCollateralV3, VerifyError> {
     serde_json::from_slice(json).map_err(|e| VerifyError::Collateral(e.to_string()))
 }
 
+/// `sha256(PPID)` of a TD's own raw quote, unverified (see [`self_reported_ppid`]); empty when the quote
+/// does not parse or carries no PPID.
+pub fn self_reported_device_id(raw_quote: &[u8]) -> Vec<u8> {
+    Quote::parse(raw_quote)
+        .ok()
+        .and_then(|q| self_reported_ppid(&q))
+        .map(|p| device_id_of_ppid(&p))
+        .unwrap_or_default()
+}
+
 /// Verify a raw quote. Real quotes need `collateral`; simulated ones need
 /// `opts.allow_simulated` and a matching pin. No network access happens here.
 pub fn verify_quote(
@@ -148,11 +192,12 @@ pub fn verify_quote(
         if !opts.allow_simulated {
             return Err(VerifyError::SimulatedNotAllowed);
         }
-        verify_simulated(&quote, raw, &opts.simulated_roots, opts.now)?;
+        let ppid = verify_simulated(&quote, raw, &opts.simulated_roots, opts.now)?;
         return Ok(VerifiedQuote {
             status: TcbStatus::Simulated,
             advisory_ids: Vec::new(),
             quote,
+            ppid,
         });
     }
     let collateral = collateral.ok_or(VerifyError::MissingCollateral)?;
@@ -165,6 +210,7 @@ pub fn verify_quote(
         status: TcbStatus::from_intel(&report.status),
         advisory_ids: report.advisory_ids,
         quote,
+        ppid: report.ppid,
     })
 }
 

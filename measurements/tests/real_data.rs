@@ -5,7 +5,9 @@
 use dstack_measurements::eventlog::{self, ccel, derive_identity, parse_json_log};
 use dstack_measurements::quote::{Quote, decode_quote_input};
 use dstack_measurements::rtmr;
-use dstack_measurements::verify::{TcbStatus, VerifyError, VerifyOptions, parse_collateral, verify_quote};
+use dstack_measurements::verify::{
+    TcbStatus, VerifyError, VerifyOptions, parse_collateral, self_reported_ppid, verify_quote,
+};
 
 fn data(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -18,6 +20,10 @@ fn opts(now: u64) -> VerifyOptions {
     }
 }
 
+/// PPID in the PCK leaf of `tdx_quote` and its sha256 (see `dcap_sample_v4_verifies_up_to_date`).
+const TDX_QUOTE_PPID: &str = "811dca2a26b952e85bb6448b097ba4fd";
+const TDX_QUOTE_DEVICE_ID: &str = "a97a2d0b5e6df04773d42059b1d72df761856beda65f51d0b0d63349483a58cf";
+
 #[test]
 fn dcap_sample_v4_verifies_up_to_date() {
     let raw = data("tdx_quote");
@@ -27,6 +33,16 @@ fn dcap_sample_v4_verifies_up_to_date() {
     assert_eq!(v.status, TcbStatus::UpToDate);
     assert!(v.advisory_ids.is_empty());
     assert_eq!(v.quote.header.version, 4);
+    // PPID of the verified PCK leaf and device_id = sha256(PPID) (dstack's derivation). Independent
+    // check: `openssl asn1parse -strparse` of the leaf's SGX extension (OID 1.2.840.113741.1.13.1.1)
+    // and Python `hashlib.sha256` over those 16 bytes.
+    assert_eq!(hex::encode(&v.ppid), TDX_QUOTE_PPID);
+    assert_eq!(hex::encode(v.device_id()), TDX_QUOTE_DEVICE_ID);
+    let parsed = Quote::parse(&raw).unwrap();
+    assert_eq!(
+        self_reported_ppid(&parsed).map(hex::encode).as_deref(),
+        Some(TDX_QUOTE_PPID)
+    );
     // After nextUpdate the same collateral is refused.
     assert!(matches!(
         verify_quote(&raw, Some(&coll), &opts(1_760_000_000)),
@@ -107,6 +123,20 @@ fn dstack_quote_report_replays_all_four_rtmrs() {
     assert_eq!(
         hex::encode(&id.mr_system),
         "e1ae776a1492d4f87937b7e563d265c16300be4aba5d748207587023bb7dbb75"
+    );
+}
+
+#[test]
+fn dstack_quote_ppid_and_device_id() {
+    // The real dstack CVM quote ships without collateral, so only the unverified self-report path applies.
+    // Independent check: `openssl asn1parse -strparse` of the PCK leaf's SGX extension, PPID OID
+    // 1.2.840.113741.1.13.1.1, then Python `hashlib.sha256(ppid)`.
+    let f = fixture("dstack-quote-report.json");
+    let ppid = self_reported_ppid(&f.quote).unwrap();
+    assert_eq!(hex::encode(&ppid), "897d3eb76ea887b783f9ad3d0771034b");
+    assert_eq!(
+        hex::encode(dstack_measurements::verify::device_id_of_ppid(&ppid)),
+        "ea0ba482106a22ecb76b59b95fed32b5cc3a81534b27ee01a25a10a87cca7d03"
     );
 }
 

@@ -10,10 +10,15 @@
 //! - `DSTACK_E2E_IMAGE`: an image directory from `dstack-image-build build` with guest-init as `/init`;
 //! - `DSTACK_DEMO_APP_BIN`: the static `dstack-demo-app` binary (packaged into an OCI image here);
 //! - `VHOST_DEVICE_VSOCK`: the `vhost-device-vsock` binary; `qemu-system-x86_64` and `mkfs.erofs` on PATH;
-//! - `DSTACK_DOCKER_REGISTRY` (default `/usr/bin/docker-registry`, Debian `docker-registry`).
+//! - `DSTACK_DOCKER_REGISTRY` (default `/usr/bin/docker-registry`, Debian `docker-registry`);
+//! - with the gateway ([`Stack::start_with_gateway`]): `DSTACK_PEBBLE` / `DSTACK_PEBBLE_CHALLTESTSRV`
+//!   (default `/usr/bin/pebble`, `/usr/bin/pebble-challtestsrv`, Debian `pebble`), root and `/dev/net/tun`.
 
+pub mod gateway;
+pub mod pebble;
 pub mod stack;
 pub mod verify;
 
+pub use gateway::Gateway;
 pub use stack::{AppSpec, Inputs, KmsOptions, Stack, StackError};
 pub use verify::{Verdict, verify_cvm};

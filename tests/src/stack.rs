@@ -15,6 +15,8 @@ use dstack_rpc::vmm::{Id, PortMapping, VmConfiguration, VmInfo, VmmClient, VmmSe
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
+use crate::gateway::{Gateway, GatewayIdentity, GatewayPorts};
+
 /// The guest image's name inside the VM manager's image directory.
 pub const IMAGE_NAME: &str = "dstack-dev";
 /// Repository of the demo app in the local registry (a docker.io-style name: the CVM's dockerd pulls it
@@ -123,6 +125,10 @@ pub struct AppSpec {
     pub vcpus: u32,
     pub memory_mb: u32,
     pub disk_gb: u32,
+    /// Register with the stack's gateway (app-compose `gateway_enabled`); needs [`Stack::start_with_gateway`].
+    pub gateway: bool,
+    /// The guest image (a directory name under the VM manager's `images/`; default [`IMAGE_NAME`]).
+    pub image: String,
 }
 
 impl AppSpec {
@@ -140,6 +146,8 @@ impl AppSpec {
             vcpus: 2,
             memory_mb: 2048,
             disk_gb: 2,
+            gateway: false,
+            image: IMAGE_NAME.into(),
         }
     }
 
@@ -152,7 +160,7 @@ impl AppSpec {
             "runner": "docker-compose",
             "docker_compose_file": self.compose,
             "kms_enabled": true,
-            "gateway_enabled": false,
+            "gateway_enabled": self.gateway,
             "local_key_provider_enabled": false,
             "key_provider": "kms",
             "public_logs": true,
@@ -234,11 +242,38 @@ pub struct Stack {
     pub mgr: Arc<Manager>,
     vmm: Vmm,
     monitor: JoinHandle<()>,
+    gateway_identity: Option<GatewayIdentity>,
+    /// The gateway, when started with [`Stack::start_with_gateway`].
+    pub gateway: Option<Gateway>,
 }
 
 impl Stack {
     /// Starts the registry (and pushes the demo app), the VM manager and the KMS under `dir`.
     pub async fn start(dir: &Path, inputs: Inputs, kms_options: KmsOptions) -> Result<Self, StackError> {
+        Self::start_inner(dir, inputs, kms_options, false).await
+    }
+
+    /// [`Stack::start`] plus the gateway (see [`crate::gateway`]): pebble, the gateway's KMS-issued RPC
+    /// certificate, WireGuard and the proxy; CVMs get its URL in `gateway_urls`. The KMS runs without OS image
+    /// verification (the gateway's simulated identity has no image; see the gateway module docs).
+    pub async fn start_with_gateway(dir: &Path, inputs: Inputs, kms_options: KmsOptions) -> Result<Self, StackError> {
+        Self::start_inner(dir, inputs, kms_options, true).await
+    }
+
+    async fn start_inner(
+        dir: &Path,
+        inputs: Inputs,
+        kms_options: KmsOptions,
+        gateway: bool,
+    ) -> Result<Self, StackError> {
+        if gateway && kms_options.verify_image {
+            return Err(failed("stack options")(
+                "the gateway's simulated identity has no OS image: use verify_image = false with the gateway".into(),
+            ));
+        }
+        if gateway {
+            crate::pebble::binaries()?;
+        }
         std::fs::create_dir_all(dir.join("images"))
             .map_err(|e| failed("creating the work directory")(e.to_string()))?;
         let image_link = dir.join("images").join(IMAGE_NAME);
@@ -250,9 +285,12 @@ impl Stack {
         let app_image = push_demo_app(&inputs.demo_app_bin, registry_port).await?;
 
         let kms_port = free_port()?;
+        let gw_ports = if gateway { Some(GatewayPorts::pick()?) } else { None };
+        let gateway_urls = gw_ports.map(|p| format!("\"{}\"", p.guest_url())).unwrap_or_default();
         let cfg = VmmConfig::parse(&format!(
             "address = \"unix:{dir}/vmm.sock\"\n[image]\npath = \"{dir}/images\"\n[cvm]\nbackend = \"tcg\"\n\
              run_path = \"{dir}/run/vm\"\nkms_urls = [\"https://10.0.2.2:{kms_port}\"]\n\
+             gateway_urls = [{gateway_urls}]\n\
              docker_registry = \"http://10.0.2.2:{registry_port}\"\n\
              [cvm.port_mapping]\nenabled = true\naddress = \"127.0.0.1\"\n\
              range = [{{ protocol = \"tcp\", from = 1024, to = 65535 }}]\n",
@@ -281,8 +319,26 @@ impl Stack {
             mgr,
             vmm,
             monitor,
+            gateway_identity: if gateway {
+                Some(GatewayIdentity::new(dir)?)
+            } else {
+                None
+            },
+            gateway: None,
         };
         stack.start_kms(kms_options).await?;
+        if let (Some(ports), Some(id)) = (gw_ports, &stack.gateway_identity) {
+            let gw = Gateway::start(
+                dir,
+                ports,
+                id,
+                stack.kms_port,
+                &dir.join("kms-certs/root-ca.crt"),
+                &stack.sim_root(),
+            )
+            .await?;
+            stack.gateway = Some(gw);
+        }
         Ok(stack)
     }
 
@@ -307,10 +363,15 @@ impl Stack {
             std::os::unix::fs::symlink(&self.inputs.image_dir, &cached)
                 .map_err(|e| failed("KMS image cache")(e.to_string()))?;
         }
+        // With the gateway: its simulator root is pinned too, and the dev policy names its app.
+        let (gw_root, gw_app) = match &self.gateway_identity {
+            Some(g) => (format!(", \"{}\"", g.sim_root.display()), hex::encode(g.app_id)),
+            None => (String::new(), String::new()),
+        };
         let toml = format!(
             "[rpc]\naddress = \"127.0.0.1\"\nport = {port}\n[core]\ncert_dir = \"{dir}/kms-certs\"\ntee = \"none\"\n\
-             attest_rpc_cert = false\n[core.attestation]\nallow_simulated = {sim}\nsimulated_roots = [\"{root}\"]\n\
-             [core.auth_api]\ntype = \"dev\"\n[core.onboard]\nauto_bootstrap_domain = \"kms.local\"\n\
+             attest_rpc_cert = false\n[core.attestation]\nallow_simulated = {sim}\nsimulated_roots = [\"{root}\"{gw_root}]\n\
+             [core.auth_api]\ntype = \"dev\"\ndev.gateway_app_id = \"{gw_app}\"\n[core.onboard]\nauto_bootstrap_domain = \"kms.local\"\n\
              [core.image]\nverify = {verify}\ncache_dir = \"{cache}\"\n",
             port = self.kms_port,
             dir = self.dir.display(),
@@ -361,7 +422,7 @@ impl Stack {
         };
         let req = VmConfiguration {
             name: app.name.clone(),
-            image: IMAGE_NAME.into(),
+            image: app.image.clone(),
             compose_file: app_compose,
             vcpu: app.vcpus,
             memory: app.memory_mb,

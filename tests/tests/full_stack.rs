@@ -4,12 +4,14 @@
 //! LUKS2 disk, decrypts its env and runs the demo app from the local registry.
 //!
 //! Inputs: see the `dstack_e2e` crate docs (`cargo xtask test` provides them). Missing inputs: loud SKIP,
-//! or failure under `DSTACK_REQUIRE_FIXTURES=1`. Runs three CVM boots; about 2–3 minutes here.
+//! or failure under `DSTACK_REQUIRE_FIXTURES=1`. The gateway test also needs Debian `pebble` (`DSTACK_PEBBLE`,
+//! `DSTACK_PEBBLE_CHALLTESTSRV`), root and `/dev/net/tun` (same SKIP/fail rule). Runs four CVM boots; about
+//! 3–4 minutes here.
 
 use std::time::{Duration, Instant};
 
 use dstack_e2e::stack::{AppSpec, free_port, http_get, tail};
-use dstack_e2e::{Inputs, KmsOptions, Stack, verify_cvm};
+use dstack_e2e::{Gateway, Inputs, KmsOptions, Stack, StackError, verify_cvm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -125,4 +127,110 @@ async fn kms_that_refuses_simulated_quotes_releases_no_key() {
         tail(&log, 40)
     );
     assert!(http_get(port, "/").is_err(), "the app must not run");
+}
+
+fn skip_or_fail(what: &str, e: &StackError) -> bool {
+    assert_ne!(
+        std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
+        Ok("1"),
+        "{what}: {e}"
+    );
+    eprintln!("SKIPPED {what}: {e}");
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_answers_through_the_gateway_over_https() {
+    let Some(inputs) = inputs() else { return };
+    if let Err(e) = dstack_e2e::pebble::binaries() {
+        skip_or_fail("app_answers_through_the_gateway_over_https", &e);
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        let e = StackError::Missing {
+            what: "root and /dev/net/tun".into(),
+            hint: "the gateway's WireGuard tun device lives in the host network namespace".into(),
+        };
+        skip_or_fail("app_answers_through_the_gateway_over_https", &e);
+        return;
+    }
+    let _one = ONE_CVM.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = KmsOptions {
+        allow_simulated: true,
+        verify_image: false,
+    };
+    let stack = Stack::start_with_gateway(dir.path(), inputs, options).await.unwrap();
+    let gw = stack.gateway.as_ref().unwrap();
+    let port = free_port().unwrap();
+    let greeting = "hello through the gateway";
+    let mut app = demo(&stack, greeting, port);
+    app.gateway = true;
+    let id = stack.deploy(&app).await.unwrap();
+    let t = Instant::now();
+    stack
+        .wait_app(&id, port, BOOT_TIMEOUT, |p| {
+            eprintln!("[{:>6.1}s] boot: {p}", t.elapsed().as_secs_f64())
+        })
+        .await
+        .unwrap();
+    let (_, info) = http_get(port, "/info").unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let app_id = info["app_id"].as_str().unwrap().to_owned();
+
+    // The CVM registered (RegisterCvm over RA-TLS, verified against the KMS root and gateway app id).
+    let registered = gw.registered();
+    assert!(
+        registered.iter().any(|(a, _, _)| *a == app_id),
+        "app {app_id} not registered: {registered:?}; serial tail:\n{}",
+        tail(&stack.serial_log(&id), 40)
+    );
+    let log = stack.serial_log(&id);
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("gateway"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // HTTPS through the proxy, name resolved to 127.0.0.1 here, certificate verified against pebble's root.
+    let t_https = Instant::now();
+    let mut last = String::new();
+    let mut page = None;
+    while t_https.elapsed() < Duration::from_secs(60) {
+        match gw.get(&app_id, dstack_e2e::stack::APP_PORT, "/").await {
+            Ok((200, body)) => {
+                page = Some(body);
+                break;
+            }
+            Ok((s, body)) => last = format!("HTTP {s}: {body}"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let page = page.unwrap_or_else(|| {
+        panic!(
+            "no HTTPS answer through the gateway (last: {last}); serial tail:\n{}",
+            tail(&stack.serial_log(&id), 40)
+        )
+    });
+    let reg_time = registered.iter().find(|(a, _, _)| *a == app_id).map(|r| r.2).unwrap();
+    eprintln!(
+        "first HTTPS answer via {} {:?} after RegisterCvm ({:?} after the app answered on its host port)",
+        Gateway::host(&app_id, dstack_e2e::stack::APP_PORT),
+        std::time::SystemTime::now()
+            .duration_since(reg_time)
+            .unwrap_or_default(),
+        t_https.elapsed(),
+    );
+    assert!(page.contains(greeting), "page: {page}");
+
+    // A name for an app that is not registered gets no page.
+    let other = "0".repeat(40);
+    assert!(
+        !matches!(gw.get(&other, dstack_e2e::stack::APP_PORT, "/").await, Ok((200, _))),
+        "an unknown app must not be served"
+    );
 }

@@ -12,6 +12,8 @@ async fn agent() -> (Agent, SimulationInfo, tempfile::TempDir) {
 #[tokio::test]
 async fn get_key_chain_and_root_key_never_returned() {
     let (a, info, _d) = agent().await;
+    // Info's device id is sha256(PPID) of the simulated module's PCK leaf.
+    assert_eq!(a.config().device_id.len(), 32);
     let app_id = hex::decode(&info.app_id).unwrap();
     for alg in ["", "secp256k1", "k256", "ed25519"] {
         let k = a.get_key("p/1", "purpose", alg).unwrap();

@@ -26,6 +26,8 @@ pub mod simulate;
 
 pub use agent::{Agent, AgentConfig, SIGN_KEY_PATH, SIGN_KEY_PURPOSE};
 pub use cert::{CertSigner, LocalCaSigner};
+/// `AgentConfig::device_id` from the TD's own quote (`sha256(PPID)`, unverified self-report).
+pub use dstack_measurements::verify::self_reported_device_id;
 pub use serve::{ALIAS_SOCKETS, AgentSockets, link_aliases, serve_agent};
 pub use service::{dstack_router, tappd_router};
 

@@ -213,6 +213,15 @@ pub async fn simulated_agent(state_dir: &Path, app_compose: &str) -> Result<(Age
             tmp_ca_cert: String::new(),
         },
     };
+    // The simulated PCK leaf carries the signer's per-host PPID: report sha256(PPID) like a real TD does.
+    let own_quote = tokio::task::spawn_blocking({
+        let sim = Arc::clone(&sim);
+        move || sim.quote(&[0; 64])
+    })
+    .await
+    .map_err(|e| AgentError::Internal(e.to_string()))?
+    .map_err(|e| AgentError::Config(e.to_string()))?;
+    let device_id = dstack_measurements::verify::self_reported_device_id(&own_quote);
     let app_name = serde_json::from_str::<serde_json::Value>(app_compose)
         .ok()
         .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_owned))
@@ -239,7 +248,7 @@ pub async fn simulated_agent(state_dir: &Path, app_compose: &str) -> Result<(Age
         app_id: app_id.0.to_vec(),
         instance_id: instance_id.0.to_vec(),
         compose_hash: compose_hash.0.to_vec(),
-        device_id: Vec::new(),
+        device_id,
         vm_config,
         os_image_hash,
         key_provider_info,

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     Error,
-    kdf::{derive_dh_secret, derive_key32, derive_p256, derive_p256_from_bytes, p256_pkcs8_der},
+    kdf::{derive_dh_secret, derive_dh_secrets, derive_key32, derive_p256, derive_p256_from_bytes, p256_pkcs8_der},
     sig::{
         ENV_PUBKEY_PREFIX, KMS_ISSUED_PREFIX, RECOVERABLE_SIG_LEN, compressed, k256_signing_key, keccak256,
         message_digest, message_digest_with_timestamp, recover, sign_message, sign_message_with_timestamp,
@@ -62,7 +62,24 @@ pub fn derive_app_keys(
     instance_id: &[u8],
 ) -> Result<AppKeyMaterial, Error> {
     check_instance_id(instance_id)?;
-    AppLevelKeys::derive(root_ca, root_k256, app_id)?.for_instance(root_ca, instance_id)
+    // Both P-256 derivations in one batch (one shared field inversion); same bytes as
+    // `AppLevelKeys::derive(..)?.for_instance(..)` (checked in the tests).
+    let secrets = derive_dh_secrets(
+        root_ca,
+        &[
+            &[app_id, instance_id, b"app-disk-crypt-key"],
+            &[app_id, b"env-encrypt-key"],
+        ],
+    )?;
+    let [disk_crypt_key, env_crypt_key] = <[_; 2]>::try_from(secrets)
+        .map_err(|v| Error::Encoding(format!("expected 2 derived secrets, got {}", v.len())))?;
+    let (app_key, k256_signature) = derive_k256_app_key(root_k256, app_id)?;
+    Ok(AppKeyMaterial {
+        disk_crypt_key,
+        env_crypt_key,
+        k256_key: Zeroizing::new(<[u8; 32]>::from(app_key.to_bytes())),
+        k256_signature,
+    })
 }
 
 /// The part of an app's keys that does not depend on the instance (env key, k256 key and its signature).

@@ -203,6 +203,19 @@ impl CaCert {
         self.issue_params(&req.to_params()?, public_key)
     }
 
+    /// Like [`Self::issue`] with an explicit serial number (big-endian, positive, at most 20 bytes); without one
+    /// rcgen derives the serial from the subject key, so every certificate for a key shares it.
+    pub fn issue_with_serial(
+        &self,
+        req: &CertRequest,
+        public_key: &impl PublicKeyData,
+        serial: &[u8],
+    ) -> Result<Certificate, RaTlsError> {
+        let mut params = req.to_params()?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        self.issue_params(&params, public_key)
+    }
+
     /// The CA certificate (DER).
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.der

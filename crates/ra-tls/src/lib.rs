@@ -25,17 +25,24 @@
 //! provider) after a chain check against configured roots — or, when enabled, accept a self-signed RA-TLS leaf
 //! whose identity then comes only from its attestation. [`peer_identity`] returns the identity of the peer of
 //! an established connection.
+//!
+//! # Revocation ([`revocation`])
+//! The KMS publishes an X.509 CRL signed by its root CA; [`RevocationList`] verifies one against the pinned
+//! root and both TLS verifiers refuse a listed leaf or intermediate once given a list
+//! (`set_revocation_list`).
 
 pub mod cert;
 mod deferred;
 pub mod oids;
 mod parse;
+pub mod revocation;
 pub mod tls;
 pub mod verify;
 
 pub use cert::{CaCert, CertAttestation, CertRequest, ra_tls_report_data, report_data_for};
 pub use deferred::DeferredAttestationClientVerifier;
 pub use parse::{ParsedCert, parse_cert};
+pub use revocation::{AppRevocation, CrlContent, RevocationList, RevokedSerial, build_crl};
 pub use tls::{RaTlsClientVerifier, RaTlsServerVerifier, peer_identity};
 pub use verify::{AttestationPolicy, AttestationVerifier, AttestedIdentity, CollateralProvider, StaticCollateral};
 
@@ -79,6 +86,10 @@ pub enum RaTlsError {
     Validity { now: u64, not_before: u64, not_after: u64 },
     #[error("key: {0}")]
     Key(String),
+    #[error("certificate revoked: {0}")]
+    Revoked(String),
+    #[error("revocation list: {0}")]
+    Crl(String),
 }
 
 impl From<VerifyError> for RaTlsError {

@@ -17,3 +17,7 @@ pub const APP_INFO: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 1, 9];
 pub fn dotted(arcs: &[u64]) -> String {
     arcs.iter().map(u64::to_string).collect::<Vec<_>>().join(".")
 }
+
+/// Ours, not dstack's: CRL extension revoking every certificate of an app issued before a time (see
+/// [`crate::revocation`]). Under Phala's PEN like the others but outside dstack's `.1.x` certificate arc.
+pub const APP_REVOCATIONS: &[u64] = &[1, 3, 6, 1, 4, 1, 62397, 100, 1];

@@ -6,8 +6,10 @@
 //! quote binds the key, and the TLS handshake proves possession of it); the server name is not checked.
 //! Attestation: every leaf that carries one is verified ([`AttestationVerifier`]); with `require_attestation`
 //! a leaf without one is refused.
+//! Revocation: with a [`RevocationList`] set (`set_revocation_list`), the leaf and every intermediate the peer
+//! sent are checked against it first, and an expired list refuses every peer (fail closed).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::client::WebPkiServerVerifier;
@@ -20,7 +22,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::{AttestationVerifier, AttestedIdentity, RaTlsError, parse_cert};
+use crate::{AttestationVerifier, AttestedIdentity, RaTlsError, RevocationList, parse_cert};
 
 /// Chain and attestation requirements shared by both verifiers.
 #[derive(Debug, Clone, Default)]
@@ -55,9 +57,38 @@ struct Core {
     config: RaTlsVerifierConfig,
     attestation: Arc<AttestationVerifier>,
     provider: Arc<CryptoProvider>,
+    revocation: RwLock<Option<Arc<RevocationList>>>,
 }
 
 impl Core {
+    fn new(config: RaTlsVerifierConfig, attestation: Arc<AttestationVerifier>, provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            config,
+            attestation,
+            provider,
+            revocation: RwLock::new(None),
+        }
+    }
+
+    fn set_revocation(&self, list: Option<Arc<RevocationList>>) {
+        *self.revocation.write().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
+    fn check_revocation(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        secs: u64,
+    ) -> Result<(), Error> {
+        let list = self.revocation.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(list) = list else { return Ok(()) };
+        list.check_current(secs).map_err(rustls_err)?;
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            list.check(cert).map_err(rustls_err)?;
+        }
+        Ok(())
+    }
+
     fn check(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -66,6 +97,7 @@ impl Core {
         chain: Option<Result<(), Error>>,
     ) -> Result<(), Error> {
         let secs = now.as_secs();
+        self.check_revocation(end_entity, intermediates, secs)?;
         let chain_ok = match chain {
             Some(Ok(())) => true,
             Some(Err(e)) if !self.config.accept_self_signed => return Err(e),
@@ -148,11 +180,7 @@ impl RaTlsServerVerifier {
             )
         };
         Ok(Arc::new(Self {
-            core: Core {
-                config,
-                attestation,
-                provider,
-            },
+            core: Core::new(config, attestation, provider),
             chain,
         }))
     }
@@ -160,6 +188,11 @@ impl RaTlsServerVerifier {
     /// The attestation verifier (for [`peer_identity`]).
     pub fn attestation(&self) -> &Arc<AttestationVerifier> {
         &self.core.attestation
+    }
+
+    /// Sets (or with `None` clears) the revocation list checked on every handshake from now on.
+    pub fn set_revocation_list(&self, list: Option<Arc<RevocationList>>) {
+        self.core.set_revocation(list);
     }
 }
 
@@ -229,11 +262,7 @@ impl RaTlsClientVerifier {
             )
         };
         Ok(Arc::new(Self {
-            core: Core {
-                config,
-                attestation,
-                provider,
-            },
+            core: Core::new(config, attestation, provider),
             chain,
         }))
     }
@@ -241,6 +270,11 @@ impl RaTlsClientVerifier {
     /// The attestation verifier (for [`peer_identity`]).
     pub fn attestation(&self) -> &Arc<AttestationVerifier> {
         &self.core.attestation
+    }
+
+    /// Sets (or with `None` clears) the revocation list checked on every handshake from now on.
+    pub fn set_revocation_list(&self, list: Option<Arc<RevocationList>>) {
+        self.core.set_revocation(list);
     }
 }
 

@@ -61,7 +61,8 @@ pub struct AttestedIdentity {
     pub mr_system: Vec<u8>,
     #[serde(with = "dstack_measurements::hexser")]
     pub os_image_hash: Vec<u8>,
-    /// `sha256(PPID)`; empty until quote verification exposes the PPID (and for simulated quotes).
+    /// `sha256(PPID)` of the verified PCK certificate (the simulator's per-host PPID for simulated quotes);
+    /// empty when the certificate carries no PPID.
     #[serde(with = "dstack_measurements::hexser")]
     pub device_id: Vec<u8>,
     pub key_provider_info: String,
@@ -204,7 +205,7 @@ impl AttestationVerifier {
             mr_aggregated: app.mr_aggregated,
             mr_system: app.mr_system,
             os_image_hash: app.os_image_hash,
-            device_id: Vec::new(),
+            device_id: verified.device_id(),
             key_provider_info: app.key_provider_info,
             simulated: verified.is_simulated(),
             tcb_status: verified.status,

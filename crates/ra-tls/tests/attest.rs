@@ -27,6 +27,13 @@ fn valid_simulated_attestation_yields_the_identity() {
     assert_eq!(id.tcb_status, TcbStatus::Simulated);
     assert!(id.simulated);
     assert_eq!(id.special_usage.as_deref(), Some("kms:rpc"));
+    // device_id = sha256(PPID of the simulated PCK leaf): 32 bytes, the same for every quote of this module.
+    assert_eq!(id.device_id.len(), 32);
+    let other_quote = sim.quote(&[0; 64]).unwrap();
+    assert_eq!(
+        id.device_id,
+        dstack_measurements::verify::self_reported_device_id(&other_quote)
+    );
     // mr_aggregated = sha256(mrtd || rtmr0..3), computed here from the module's registers.
     let regs = sim.registers();
     let mut h = Sha256::new();

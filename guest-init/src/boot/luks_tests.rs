@@ -106,6 +106,50 @@ fn binary_header_rules() {
     assert!(validate_binary_header(&h[..100]).is_err());
 }
 
+#[test]
+fn mutated_headers_and_metadata_are_refused_cleanly() {
+    // The binary header comes off a host-supplied disk; the JSON area too (via luksDump).
+    let r = dstack_testkit::run(
+        "luks_header",
+        &[synthetic_header()],
+        dstack_testkit::Budget::new(5_000, 3),
+        |h| {
+            if let Err(e) = validate_binary_header(h) {
+                assert!(!e.is_empty());
+            }
+        },
+    );
+    assert!(r.mutated > 500, "{r:?}");
+    let mutator = dstack_testkit::Mutator::new(dstack_testkit::seed_from_env()).with_dictionary([
+        "\"cipher_null-ecb\"",
+        "\"luks1\"",
+        "\"argon2id\"",
+        "\"0\"",
+        "\"-1\"",
+        "\"18446744073709551616\"",
+        "null",
+        "{}",
+        "[]",
+        "\"dynamic\"",
+    ]);
+    let mut parsed = 0;
+    let r = dstack_testkit::run_with(
+        "luks_metadata",
+        &[DUMP.as_bytes().to_vec()],
+        dstack_testkit::Budget::new(3_000, 3),
+        mutator,
+        |d| {
+            if let Ok(v) = serde_json::from_slice::<Value>(d) {
+                parsed += 1;
+                if let Err(e) = validate_metadata(&v) {
+                    assert!(!e.is_empty());
+                }
+            }
+        },
+    );
+    assert!(r.mutated > 500 && parsed > 100, "{r:?}, {parsed} parsed as JSON");
+}
+
 // ---- device fixtures ----
 
 fn skip_or_fail(reason: &str) -> Option<LoopDev> {
@@ -254,4 +298,45 @@ fn cipher_null_header_is_refused() {
         matches!(&err, LuksError::BadHeader { reason, .. } if reason.contains("segments.0.encryption")),
         "{err}"
     );
+}
+
+/// Overwrites 32 bytes of the JSON area of the header copies in `copies` (0 = primary, 1 = secondary)
+/// without fixing the checksums: what a torn write or bit rot leaves behind.
+fn corrupt_json_area(dev: &Path, copies: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(dev).unwrap();
+    let mut first = [0u8; 16];
+    f.read_exact_at(&mut first, 0).unwrap();
+    let hdr_size = u64::from_be_bytes(first[8..16].try_into().unwrap());
+    for copy in copies {
+        f.write_all_at(&[0xa5; 32], copy * hdr_size + 4096 + 16).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn corrupt_luks_headers_are_refused_and_never_reformatted() {
+    let Some(l) = loop_dev() else { return };
+    format(&l.path, &KEY).unwrap();
+    let private = tempfile::tempdir().unwrap();
+    // One damaged copy: cryptsetup falls back to the intact one and the key still works.
+    corrupt_json_area(&l.path, &[0]);
+    assert_eq!(probe(&l.path).unwrap(), Probe::Luks);
+    unlock(&l.path, &KEY, private.path(), Unlock::TestKey).expect("intact secondary header is used");
+    // Both copies damaged: refused with an error, and the disk is left exactly as it was (no reformat).
+    corrupt_json_area(&l.path, &[0, 1]);
+    let before = read_at(&l.path, 0, 1 << 20).unwrap();
+    assert_eq!(probe(&l.path).unwrap(), Probe::Luks, "damaged LUKS must not look blank");
+    let err = unlock(&l.path, &KEY, private.path(), Unlock::TestKey).unwrap_err();
+    assert!(!err.to_string().is_empty());
+    if have_device_mapper() {
+        let mnt = tempfile::tempdir().unwrap();
+        let err = setup_data_disk(&l.path, &KEY, private.path(), mnt.path()).unwrap_err();
+        assert!(
+            !matches!(err, LuksError::WrongKey(_)),
+            "a damaged header is not a wrong key: {err}"
+        );
+    }
+    assert_eq!(read_at(&l.path, 0, 1 << 20).unwrap(), before, "disk untouched");
+    assert!(!private.path().join("luks-header").exists(), "header copy removed");
 }

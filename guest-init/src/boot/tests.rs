@@ -268,3 +268,48 @@ fn no_tee_stops_at_the_first_event() {
     assert!(err.to_string().contains("system-preparing"), "{err}");
     assert!(!t.env.app_keys_path().exists(), "no keys without measurement");
 }
+
+/// Fault injection on the host-shared files: truncated or corrupted (NUL byte in the middle) copies of each
+/// file must stop the boot before any key is provisioned, with an error naming the file.
+#[test]
+fn truncated_or_corrupt_host_files_fail_closed() {
+    let info = br#"{"instance_id_seed":"00112233445566778899aabbccddeeff00112233","instance_id":"","app_id":""}"#;
+    for (name, good) in [
+        (names::APP_COMPOSE, NONE_COMPOSE.as_bytes()),
+        (names::SYS_CONFIG, config::tests::SYS_CONFIG.as_bytes()),
+        (names::INSTANCE_INFO, &info[..]),
+    ] {
+        let mut corrupt = good.to_vec();
+        corrupt.insert(good.len() / 2, 0);
+        let variants = [
+            ("empty", Vec::new()),
+            ("one byte", good[..1].to_vec()),
+            ("half", good[..good.len() / 2].to_vec()),
+            ("last byte missing", good[..good.len() - 1].to_vec()),
+            ("NUL in the middle", corrupt),
+        ];
+        for (what, bytes) in variants {
+            let t = setup(NONE_COMPOSE);
+            std::fs::write(t.host.path().join(name), &bytes).unwrap();
+            let m = RecordingMeasurer::default();
+            let deps = Deps {
+                measurer: &m,
+                kms: None,
+                state: None,
+                agent: None,
+                gateway: None,
+            };
+            let err = match run(&t.env, &deps) {
+                Ok(_) => panic!("{name} {what}: boot succeeded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(name), "{name} {what}: error does not name the file: {err}");
+            assert!(
+                !m.names().iter().any(|n| n == "key-provider" || n == "system-ready"),
+                "{name} {what}: boot went on to {:?}",
+                m.names()
+            );
+            assert!(!t.env.app_keys_path().exists(), "{name} {what}: keys written");
+        }
+    }
+}

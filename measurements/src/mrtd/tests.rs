@@ -178,3 +178,39 @@ fn malformed_metadata_is_an_error() {
         let _ = parse_tdvf(&fw[..cut]);
     }
 }
+
+/// Stable, bounded mutation fuzzing (dstack-testkit) of the TDVF locators and descriptor parser, seeded with
+/// the synthetic images above and, when present, the local cargo-fuzz corpus (`fuzz/corpus/tdvf`).
+#[test]
+fn mutated_firmware_never_panics() {
+    let mut seeds = vec![
+        fw_with_guid_table(),
+        fw_with_legacy_pointer(true),
+        fw_with_legacy_pointer(false),
+    ];
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tdvf");
+    seeds.extend(dstack_testkit::load_dir(&corpus, 150, 64 * 1024));
+    let r = dstack_testkit::run(
+        "tdvf",
+        &seeds,
+        dstack_testkit::Budget::new(3_000, 4),
+        |fw| match parse_tdvf(fw) {
+            Ok(tdvf) => {
+                // What the parser promises its callers: raw data inside the image, page-aligned memory ranges.
+                for s in &tdvf.sections {
+                    assert!((s.data_offset as usize).saturating_add(s.raw_data_size as usize) <= fw.len());
+                    assert_eq!(s.memory_address % PAGE, 0);
+                    assert_eq!(s.memory_data_size % PAGE, 0);
+                    assert!(s.memory_data_size >= u64::from(s.raw_data_size));
+                }
+                let pages: u64 = tdvf.sections.iter().map(|s| s.memory_data_size / PAGE).sum();
+                if pages < 64 {
+                    let _ = compute_mrtd_with(fw, &tdvf, PageOrder::SinglePass);
+                    let _ = compute_mrtd_with(fw, &tdvf, PageOrder::TwoPass);
+                }
+            }
+            Err(e) => assert!(!e.to_string().is_empty()),
+        },
+    );
+    assert!(r.mutated > 100, "{r:?}");
+}

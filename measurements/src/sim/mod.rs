@@ -37,6 +37,7 @@ use crate::quote::{
     TD_REPORT10_LEN, TEE_TYPE_TDX, TdReport,
 };
 
+pub(crate) use verify::sim_ppid;
 pub use verify::{SimError, SimRootPin, is_simulated_quote, verify_simulated};
 
 /// QE vendor id of simulated quotes: ASCII `dstack-rs-sim-qe`.
@@ -45,6 +46,15 @@ pub const SIM_QE_VENDOR_ID: [u8; 16] = *b"dstack-rs-sim-qe";
 pub const SIM_MARKER_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 7100, 1];
 /// Dotted form of [`SIM_MARKER_OID`].
 pub const SIM_MARKER_OID_STR: &str = "1.3.6.1.4.1.32473.7100.1";
+/// OID arcs of the simulated PPID extension of the simulated PCK leaf: an OCTET STRING of
+/// [`SIM_PPID_LEN`] random bytes chosen when the signer is generated, so a host keeps one
+/// device id (`sha256(PPID)`, as for real TDX) for as long as it keeps its signer bundle.
+/// Deliberately not Intel's SGX extension OID: nothing simulated borrows Intel's arcs.
+pub const SIM_PPID_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 7100, 2];
+/// Dotted form of [`SIM_PPID_OID`].
+pub const SIM_PPID_OID_STR: &str = "1.3.6.1.4.1.32473.7100.2";
+/// Length of a PPID (Intel's is 16 bytes; the simulator uses the same size).
+pub const SIM_PPID_LEN: usize = 16;
 /// Text carried (as a DER UTF8String) in the marker extension.
 pub const SIM_MARKER_TEXT: &str = "dstack-rs simulated TDX - not an Intel certificate";
 /// Subject CN of the simulated root.
@@ -76,6 +86,13 @@ pub(crate) fn marker_der() -> Vec<u8> {
     let text = SIM_MARKER_TEXT.as_bytes();
     let mut v = vec![0x0c, text.len() as u8];
     v.extend_from_slice(text);
+    v
+}
+
+/// DER encoding of the simulated PPID extension value (an OCTET STRING).
+pub(crate) fn ppid_der(ppid: &[u8; SIM_PPID_LEN]) -> Vec<u8> {
+    let mut v = vec![0x04, SIM_PPID_LEN as u8];
+    v.extend_from_slice(ppid);
     v
 }
 
@@ -134,7 +151,14 @@ impl SimulatedQuoteSigner {
         let root_cert = root_params.self_signed(&root_key)?;
         let issuer = rcgen::Issuer::from_params(&root_params, &root_key);
         let pck_key = rcgen::KeyPair::generate_for(alg)?;
-        let pck_cert = sim_params(SIM_PCK_CN, false).signed_by(&pck_key, &issuer)?;
+        let mut ppid = [0u8; SIM_PPID_LEN];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut ppid)
+            .map_err(|_| SignerError::Key("no randomness for the PPID".into()))?;
+        let mut pck_params = sim_params(SIM_PCK_CN, false);
+        pck_params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(SIM_PPID_OID, ppid_der(&ppid)));
+        let pck_cert = pck_params.signed_by(&pck_key, &issuer)?;
         let att_key = rcgen::KeyPair::generate_for(alg)?;
         Self::from_parts(
             root_cert.pem(),

@@ -174,3 +174,49 @@ fn certs_carry_marker_and_names() {
             .any(|e| e.extn_id.to_string() == SIM_MARKER_OID_STR)
     }));
 }
+
+#[test]
+fn simulated_ppid_gives_a_stable_per_signer_device_id() {
+    let s = SimulatedQuoteSigner::generate().unwrap();
+    let a = verify_quote(&s.sign(&report()).unwrap(), None, &opts(&s)).unwrap();
+    assert_eq!(a.ppid.len(), SIM_PPID_LEN);
+    assert_ne!(a.ppid, vec![0; SIM_PPID_LEN]);
+    // device_id = sha256(PPID), checked against sha2 directly (the derivation is one hash).
+    assert_eq!(a.device_id(), Sha256::digest(&a.ppid).to_vec());
+    // Same signer (also after a bundle round trip): same device id; another signer: another one.
+    let reloaded = SimulatedQuoteSigner::from_pem_bundle(&s.to_pem_bundle()).unwrap();
+    let b = verify_quote(&reloaded.sign(&report()).unwrap(), None, &opts(&s)).unwrap();
+    assert_eq!(a.device_id(), b.device_id());
+    let other = SimulatedQuoteSigner::generate().unwrap();
+    let c = verify_quote(&other.sign(&report()).unwrap(), None, &opts(&other)).unwrap();
+    assert_ne!(a.device_id(), c.device_id());
+    // The unverified self-report reads the same PPID.
+    assert_eq!(crate::verify::self_reported_ppid(&a.quote), Some(a.ppid.clone()));
+}
+
+#[test]
+fn malformed_or_duplicate_sim_ppid_extension_is_refused() {
+    let make = |exts: Vec<rcgen::CustomExtension>| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = sim_params(SIM_PCK_CN, false);
+        p.custom_extensions.extend(exts);
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        <x509_cert::Certificate as der::Decode>::from_der(&der).unwrap()
+    };
+    let good = ppid_der(&[7; SIM_PPID_LEN]);
+    let ext = |v: Vec<u8>| rcgen::CustomExtension::from_oid_content(SIM_PPID_OID, v);
+    assert_eq!(
+        sim_ppid(&make(vec![ext(good.clone())])).unwrap(),
+        Some(vec![7; SIM_PPID_LEN])
+    );
+    assert_eq!(sim_ppid(&make(vec![])).unwrap(), None);
+    // Wrong length, wrong tag, duplicated: fail closed.
+    let mut short = good.clone();
+    short[1] = 15;
+    short.pop();
+    assert!(sim_ppid(&make(vec![ext(short)])).is_err());
+    let mut utf8 = good.clone();
+    utf8[0] = 0x0c;
+    assert!(sim_ppid(&make(vec![ext(utf8)])).is_err());
+    assert!(sim_ppid(&make(vec![ext(good.clone()), ext(good)])).is_err());
+}

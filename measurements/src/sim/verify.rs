@@ -5,7 +5,7 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED, UnparsedP
 use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
 
-use super::{SIM_MARKER_OID_STR, SIM_QE_VENDOR_ID, marker_der};
+use super::{SIM_MARKER_OID_STR, SIM_PPID_LEN, SIM_PPID_OID_STR, SIM_QE_VENDOR_ID, marker_der};
 use crate::quote::{CERT_TYPE_PCK_CHAIN, Quote};
 
 /// OID of ecdsa-with-SHA256.
@@ -93,6 +93,32 @@ fn has_marker(cert: &Certificate) -> bool {
     })
 }
 
+/// The PPID a simulated PCK leaf carries in its [`super::SIM_PPID_OID`] extension: `Ok(None)` when the
+/// extension is absent (bundles generated before it existed), an error when it is malformed or repeated.
+pub(crate) fn sim_ppid(cert: &Certificate) -> Result<Option<Vec<u8>>, SimError> {
+    let mut found = None;
+    for e in cert.tbs_certificate().extensions().into_iter().flatten() {
+        if e.extn_id.to_string() != SIM_PPID_OID_STR {
+            continue;
+        }
+        if found.is_some() {
+            return Err(SimError::Chain("simulated PCK leaf has two PPID extensions".into()));
+        }
+        let v = e.extn_value.as_bytes();
+        let ppid = match v {
+            [0x04, len, rest @ ..] if usize::from(*len) == SIM_PPID_LEN && rest.len() == SIM_PPID_LEN => rest,
+            _ => {
+                return Err(SimError::Chain(format!(
+                    "simulated PPID extension is not a {SIM_PPID_LEN}-byte OCTET STRING ({} bytes)",
+                    v.len()
+                )));
+            }
+        };
+        found = Some(ppid.to_vec());
+    }
+    Ok(found)
+}
+
 fn spki_der(cert: &Certificate) -> Result<Vec<u8>, SimError> {
     cert.tbs_certificate()
         .subject_public_key_info()
@@ -140,8 +166,9 @@ fn check_validity(cert: &Certificate, now: u64, what: &'static str) -> Result<()
 }
 
 /// Verify a simulated quote: chain to a pinned root, QE report signature and binding,
-/// and the quote signature. `raw` is the quote the `quote` was parsed from.
-pub fn verify_simulated(quote: &Quote, raw: &[u8], pins: &[SimRootPin], now: u64) -> Result<(), SimError> {
+/// and the quote signature. `raw` is the quote the `quote` was parsed from. Returns the PPID of
+/// the verified simulated PCK leaf (empty when the leaf predates the PPID extension).
+pub fn verify_simulated(quote: &Quote, raw: &[u8], pins: &[SimRootPin], now: u64) -> Result<Vec<u8>, SimError> {
     if quote.header.qe_vendor_id != SIM_QE_VENDOR_ID {
         return Err(SimError::NotSimulated);
     }
@@ -178,6 +205,7 @@ pub fn verify_simulated(quote: &Quote, raw: &[u8], pins: &[SimRootPin], now: u64
     check_cert_signature(leaf, root, "simulated PCK leaf")?;
     check_validity(root, now, "simulated root")?;
     check_validity(leaf, now, "simulated PCK leaf")?;
+    let ppid = sim_ppid(leaf)?.unwrap_or_default();
 
     let leaf_key = leaf
         .tbs_certificate()
@@ -208,5 +236,6 @@ pub fn verify_simulated(quote: &Quote, raw: &[u8], pins: &[SimRootPin], now: u64
     att[1..].copy_from_slice(&quote.auth_data.attestation_key);
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &att[..])
         .verify(signed, &quote.auth_data.signature)
-        .map_err(|_| SimError::Signature("quote (by attestation key)"))
+        .map_err(|_| SimError::Signature("quote (by attestation key)"))?;
+    Ok(ppid)
 }

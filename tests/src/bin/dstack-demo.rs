@@ -1,7 +1,8 @@
 //! `dstack-demo` (run by `cargo xtask demo`): the whole stack with the example app, then a report.
 //!
-//! Starts the local registry with the demo app image, the KMS and the VM manager; deploys the demo app
-//! with an encrypted env var; waits with progress output until it answers; verifies the CVM from outside;
+//! Starts the local registry with the demo app image, the KMS, the gateway (pebble certificates) and the VM
+//! manager; deploys the demo app with an encrypted env var; waits with progress output until it answers, on
+//! its host port and through the gateway over HTTPS; verifies the CVM from outside;
 //! prints URLs, identities, the verdict and the boot phase timings; then keeps running until Ctrl-C and
 //! stops everything cleanly.
 
@@ -28,7 +29,27 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!("==> work directory {}", dir.display());
     let t0 = Instant::now();
-    let stack = Stack::start(&dir, inputs, KmsOptions::default()).await?;
+    // The gateway needs pebble, root and /dev/net/tun; without them the demo runs without it, and says so.
+    let gateway_missing = dstack_e2e::pebble::binaries().err().map(|e| e.to_string()).or_else(|| {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        (!root || !std::path::Path::new("/dev/net/tun").exists())
+            .then(|| "the gateway's WireGuard device needs root and /dev/net/tun".to_owned())
+    });
+    let stack = match &gateway_missing {
+        None => {
+            // The gateway's simulated identity has no OS image for the KMS to check (see dstack_e2e::gateway).
+            let options = KmsOptions {
+                verify_image: false,
+                ..KmsOptions::default()
+            };
+            Stack::start_with_gateway(&dir, inputs, options).await?
+        }
+        Some(why) => {
+            println!("==> WITHOUT the gateway: {why}");
+            Stack::start(&dir, inputs, KmsOptions::default()).await?
+        }
+    };
     println!(
         "==> registry http://127.0.0.1:{} holds {}\n==> KMS {} (dev policy, simulated quotes accepted under the pinned root {})",
         stack.registry_port,
@@ -36,11 +57,25 @@ async fn main() -> anyhow::Result<()> {
         stack.kms_url(),
         stack.sim_root().display()
     );
+    if let Some(gw) = &stack.gateway {
+        println!(
+            "==> gateway: RegisterCvm https://127.0.0.1:{} (guests: {}), WireGuard UDP {}, proxy 127.0.0.1:{} for \
+             *.{}; certificate from pebble; its RPC certificate from the KMS for the (simulated) gateway app {}; KMS \
+             OS image verification is off in this mode",
+            gw.ports.rpc,
+            gw.ports.guest_url(),
+            gw.ports.wg,
+            gw.ports.proxy,
+            dstack_e2e::gateway::BASE_DOMAIN,
+            hex::encode(gw.app_id)
+        );
+    }
     println!("==> VM manager: backend tcg — QEMU software emulation with the SIMULATED TDX module (no TDX here)");
     let port = free_port()?;
     let mut app = AppSpec::demo(&stack.app_image, "Hello from inside a (simulated) TDX CVM!", port);
     app.vcpus = 1;
     app.memory_mb = 2048;
+    app.gateway = stack.gateway.is_some();
     let id = stack.deploy(&app).await?;
     println!(
         "==> deployed app {:?} as VM {id}; GREETING is encrypted to the KMS's per-app key",
@@ -56,6 +91,32 @@ async fn main() -> anyhow::Result<()> {
     println!("==> app answering at http://127.0.0.1:{port}/ after {boot:.1?}");
     let (_, info) = http_get(port, "/info").map_err(anyhow::Error::msg)?;
     println!("==> identity (from the guest agent inside the CVM): {info}");
+    if let Some(gw) = &stack.gateway {
+        let app_id = serde_json::from_str::<serde_json::Value>(&info)?["app_id"]
+            .as_str()
+            .context("app_id in /info")?
+            .to_owned();
+        let t = Instant::now();
+        let port = dstack_e2e::stack::APP_PORT;
+        loop {
+            let last = match gw.get(&app_id, port, "/").await {
+                Ok((200, _)) => break,
+                Ok((s, _)) => format!("HTTP {s}"),
+                Err(e) => e,
+            };
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "no answer through the gateway: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        println!(
+            "==> app answering through the gateway over HTTPS at {} ({:.1?} after it answered on its port)",
+            gw.url(&app_id, port),
+            t.elapsed()
+        );
+        println!("    try: {}", gw.curl(&app_id, port));
+    }
 
     let verdict = verify_cvm(port, &measurements, &stack.sim_root(), &app.app_compose()).map_err(anyhow::Error::msg)?;
     println!("==> verification from outside (fresh nonce, quote, event log, published measurements):");
