@@ -33,6 +33,7 @@
 
 pub mod cert;
 mod deferred;
+pub mod handshake;
 pub mod oids;
 mod parse;
 pub mod revocation;
