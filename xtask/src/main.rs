@@ -3,6 +3,7 @@
 //! `cargo xtask test` installs what the tests need (idempotently), then runs the format check, clippy and every
 //! test, and prints a `N passed, N failed` summary. `cargo xtask demo` runs the whole stack with an example app.
 
+mod bench;
 mod cache;
 mod demo;
 mod guest_image;
@@ -21,6 +22,7 @@ commands:
         cargo fmt --check, cargo clippy -D warnings and all tests
   setup install test dependencies only
   demo  run the whole stack with an example app
+  bench run every benchmark (release) and the demo's boot-phase report
   fetch-deb <suite> <package>...
         download and unpack Debian packages into the cache through the
         machine's configured apt mirror (override: DSTACK_DEBIAN_MIRROR)
@@ -53,6 +55,7 @@ fn run(args: &[String]) -> Result<i32> {
             Ok(0)
         }
         "demo" => demo::run(rest),
+        "bench" => bench::run(rest),
         "fetch-deb" => {
             let Some((suite, packages)) = rest.split_first() else {
                 bail!("fetch-deb needs a suite and at least one package");
