@@ -8,47 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dstack_host_vmm::manager::backend::{Backend, BackendError, LaunchInput};
-use dstack_host_vmm::manager::supervisor::ProcSpec;
 use dstack_host_vmm::manager::{Manager, VmmConfig, router};
 use dstack_rpc::host_api::{HostApiClient, Notification};
 use dstack_rpc::vmm::{GetInfoResponse, Id, PortMapping, StatusRequest, VmConfiguration, VmInfo, VmmClient};
 use dstack_rpc::{Client, LocalTransport, vmm::VmmServer};
 
+#[path = "support/fake.rs"]
+mod fake;
+use fake::FakeBackend;
+
 const COMPOSE: &str = r#"{"manifest_version":2,"name":"demo","runner":"docker-compose","docker_compose_file":"services: {}\n","kms_enabled":false,"gateway_enabled":false,"local_key_provider_enabled":false,"public_logs":true,"public_sysinfo":true,"allowed_envs":[],"no_instance_id":false,"secure_time":false}"#;
-
-/// Runs `sh -c 'echo booted cid=<cid>; exec sleep 600'` as the VM.
-struct FakeBackend;
-
-impl Backend for FakeBackend {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-    fn is_emulation(&self) -> bool {
-        false
-    }
-    fn prepare(&self, input: &LaunchInput<'_>) -> Result<(), BackendError> {
-        input
-            .workdir
-            .ensure_data_disk(input.disk_size_gb)
-            .map_err(|e| BackendError::Prepare {
-                what: "disk".into(),
-                reason: e.to_string(),
-            })
-    }
-    fn plan(&self, input: &LaunchInput<'_>) -> Result<Vec<ProcSpec>, BackendError> {
-        let wd = input.workdir;
-        Ok(vec![ProcSpec {
-            name: "vm".into(),
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), format!("echo booted cid={}; exec sleep 600", input.cid)],
-            cwd: wd.path().to_owned(),
-            stdout: wd.stdout_log(),
-            stderr: wd.stderr_log(),
-            ready_path: None,
-        }])
-    }
-}
 
 struct Env {
     dir: tempfile::TempDir,

@@ -34,14 +34,14 @@ use dstack_tee::RuntimeEventLog;
 use dstack_types::{AppCompose, AppKeys, SysConfig};
 use dstack_wg::{ClientTunnel, DeviceConfig, Tun, WgDevice, WgError};
 use rcgen::{KeyPair, PublicKeyData};
-use rustls::client::WebPkiServerVerifier;
+use rustls::Error as TlsError;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::{CertificateError, Error as TlsError, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::runtime::Handle;
 
+use super::kms::{KmsRootChain, other_err, provider};
 use super::tee::TeeMeasurer;
 use super::{BootEnv, BootReport};
 use crate::net::netlink::Netlink;
@@ -138,23 +138,12 @@ pub fn plan(compose: &AppCompose, sys: &SysConfig, keys: &AppKeys) -> Result<Opt
     }))
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn other_err(msg: String) -> TlsError {
-    TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        std::io::Error::other(msg),
-    ))))
-}
-
 /// Verifies a gateway's RPC certificate: chain to the KMS root CA and (unless any app is accepted) the
-/// leaf's app-id extension equal to `gateway_app_id`, as dstack's guest. The host name is not checked:
-/// the identity is the KMS's certification of the gateway app (URLs may be IP literals). rustls's webpki
-/// verifier checks the name last, so a name mismatch still means the chain verified.
+/// leaf's app-id extension equal to `gateway_app_id`, as dstack's guest. The host name is not checked
+/// ([`KmsRootChain`]): the identity is the KMS's certification of the gateway app.
 #[derive(Debug)]
 pub struct GatewayServerVerifier {
-    chain: Arc<WebPkiServerVerifier>,
+    chain: KmsRootChain,
     app_id: Option<Vec<u8>>,
     provider: Arc<CryptoProvider>,
 }
@@ -164,15 +153,8 @@ impl GatewayServerVerifier {
         let root = CertificateDer::from_pem_slice(kms_root_pem.as_bytes())
             .map_err(|e| GatewayError::Config(format!("KMS root CA: {e}")))?;
         let provider = provider();
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(root)
-            .map_err(|e| GatewayError::Config(format!("KMS root CA: {e}")))?;
-        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| GatewayError::Config(format!("KMS root CA: {e}")))?;
         Ok(Arc::new(Self {
-            chain,
+            chain: KmsRootChain::new(root, &provider).map_err(GatewayError::Config)?,
             app_id,
             provider,
         }))
@@ -188,16 +170,7 @@ impl ServerCertVerifier for GatewayServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self
-            .chain
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Ok(_)
-            | Err(TlsError::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
+        self.chain.verify(end_entity, intermediates, server_name, ocsp, now)?;
         if let Some(want) = &self.app_id {
             let parsed = parse_cert(end_entity).map_err(|e| other_err(format!("gateway certificate: {e}")))?;
             if parsed.app_id.as_deref() != Some(want.as_slice()) {

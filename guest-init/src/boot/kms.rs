@@ -38,18 +38,54 @@ use super::tee::TeeMeasurer;
 pub const KMS_RPC_USAGE: &str = "kms:rpc";
 const CSR_CONFIRM: &str = "please sign cert:";
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The chain half of a verifier for servers certified by the KMS (the KMS itself, gateways): the leaf must
+/// chain to the pinned KMS root CA. The host name is not checked: endpoints are IP literals (no DNS in the
+/// boot path) and the identity is the root plus what the caller checks in the leaf. rustls's webpki
+/// verifier checks the name last, after the chain, so a name mismatch still means the chain verified.
+#[derive(Debug)]
+pub(crate) struct KmsRootChain(Arc<WebPkiServerVerifier>);
+
+impl KmsRootChain {
+    pub(crate) fn new(root: CertificateDer<'static>, provider: &Arc<CryptoProvider>) -> Result<Self, String> {
+        let mut roots = RootCertStore::empty();
+        roots.add(root).map_err(|e| format!("KMS root CA: {e}"))?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+            .build()
+            .map(Self)
+            .map_err(|e| format!("KMS root CA: {e}"))
+    }
+
+    pub(crate) fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<(), TlsError> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(_)
+            | Err(TlsError::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Verifies a KMS RPC server certificate: chain to the KMS root CA, usage `kms:rpc`, and (optional) the
-/// certificate's attestation. The host name is not checked: the endpoints are IP literals (no DNS in the
-/// boot path) and the identity is the pinned root plus the usage, as dstack's `validate_kms_rpc_cert`.
-/// rustls's webpki verifier checks the name last, after the chain, so a name mismatch still means the chain
-/// verified.
+/// certificate's attestation; the host name is not checked ([`KmsRootChain`]): the identity is the pinned
+/// root plus the usage, as dstack's `validate_kms_rpc_cert`.
 #[derive(Debug)]
 pub struct KmsServerVerifier {
-    chain: Arc<WebPkiServerVerifier>,
+    chain: KmsRootChain,
     attestation: Option<Arc<AttestationVerifier>>,
     provider: Arc<CryptoProvider>,
 }
@@ -57,20 +93,15 @@ pub struct KmsServerVerifier {
 impl KmsServerVerifier {
     pub fn new(root: CertificateDer<'static>, attestation: Option<AttestationPolicy>) -> Result<Arc<Self>, String> {
         let provider = provider();
-        let mut roots = RootCertStore::empty();
-        roots.add(root).map_err(|e| format!("KMS root CA: {e}"))?;
-        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| format!("KMS root CA: {e}"))?;
         Ok(Arc::new(Self {
-            chain,
+            chain: KmsRootChain::new(root, &provider)?,
             attestation: attestation.map(|p| Arc::new(AttestationVerifier::new(p))),
             provider,
         }))
     }
 }
 
-fn other_err(msg: String) -> TlsError {
+pub(crate) fn other_err(msg: String) -> TlsError {
     TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         std::io::Error::other(msg),
     ))))
@@ -85,16 +116,7 @@ impl ServerCertVerifier for KmsServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self
-            .chain
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Ok(_)
-            | Err(TlsError::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
+        self.chain.verify(end_entity, intermediates, server_name, ocsp, now)?;
         let parsed = parse_cert(end_entity).map_err(|e| other_err(format!("KMS certificate: {e}")))?;
         if parsed.special_usage.as_deref() != Some(KMS_RPC_USAGE) {
             return Err(other_err(format!(

@@ -1,5 +1,5 @@
-//! Shared by the CLI and dashboard tests: a manager with a fake backend whose "VM" is `sleep` (as in
-//! `manager_api.rs`), served on a unix socket and a TCP port (bearer token) through the manager's HTTP front,
+//! Shared by the manager API, CLI and dashboard tests: a fake backend whose "VM" is `sleep`, a manager with it
+//! served on a unix socket and a TCP port (bearer token) through the manager's HTTP front,
 //! and a fake guest agent answering `GuestApi` behind the VM's hybrid-vsock socket.
 
 #![allow(dead_code)]
