@@ -12,6 +12,7 @@ use dstack_apt::PrivateApt;
 use sha2::{Digest, Sha256};
 
 use crate::lock::LockedDeb;
+use crate::progress::{Progress, Unit, watch_dir};
 
 /// Errors fetching packages.
 #[derive(Debug, thiserror::Error)]
@@ -145,16 +146,22 @@ impl DebCache {
         for d in &missing {
             by_suite.entry(d.suite.as_str()).or_default().push(d);
         }
-        let mut done = 0usize;
+        let missing_bytes: u64 = missing.iter().map(|d| d.size).sum();
+        let bar = Progress::new("fetch", missing_bytes, Unit::Bytes);
+        let mut fetched_bytes = 0u64;
         for (suite, list) in by_suite {
             let apt = PrivateApt::new(suite, &self.apt_root)?;
+            let download_dir = apt.download_dir();
             for batch in list.chunks(BATCH) {
                 let specs: Vec<String> = batch.iter().map(|d| d.apt_spec()).collect();
-                let paths = apt.download_many(&specs).map_err(|source| FetchError::Download {
-                    suite: suite.to_owned(),
-                    packages: specs.join(" "),
-                    source: Box::new(source),
-                })?;
+                let paths =
+                    watch_dir(&bar, &download_dir, fetched_bytes, || apt.download_many(&specs)).map_err(|source| {
+                        FetchError::Download {
+                            suite: suite.to_owned(),
+                            packages: specs.join(" "),
+                            source: Box::new(source),
+                        }
+                    })?;
                 for (deb, downloaded) in batch.iter().zip(paths) {
                     if let Err(e) = verify(deb, &downloaded) {
                         let _ = std::fs::remove_file(&downloaded);
@@ -166,15 +173,13 @@ impl DebCache {
                         std::fs::copy(&downloaded, &dest).map_err(io(format!("copying to {}", dest.display())))?;
                         let _ = std::fs::remove_file(&downloaded);
                     }
-                    done += 1;
+                    fetched_bytes += deb.size;
                 }
-                eprintln!(
-                    "fetch: [{done}/{}] {suite}: {} … {}",
-                    missing.len(),
-                    batch.first().map(|d| d.package.as_str()).unwrap_or(""),
-                    batch.last().map(|d| d.package.as_str()).unwrap_or("")
-                );
+                bar.set(fetched_bytes);
             }
+        }
+        if !missing.is_empty() {
+            bar.finish(&format!("{} packages verified", missing.len()));
         }
         eprintln!("fetch: all verified in {:.1} s", start.elapsed().as_secs_f64());
         Ok(debs.iter().map(|d| self.path(d)).collect())
@@ -191,6 +196,7 @@ pub fn unpack_all(cache_root: &Path, key: &str, debs: &[PathBuf]) -> Result<Path
     }
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest).map_err(io(format!("creating {}", dest.display())))?;
+    let bar = Progress::new("unpack", debs.len() as u64, Unit::Items);
     for deb in debs {
         let out = std::process::Command::new("dpkg-deb")
             .arg("-x")
@@ -204,7 +210,9 @@ pub fn unpack_all(cache_root: &Path, key: &str, debs: &[PathBuf]) -> Result<Path
                 source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
             });
         }
+        bar.inc(1);
     }
+    bar.finish("packages unpacked");
     std::fs::write(&stamp, b"").map_err(io("writing unpack stamp"))?;
     Ok(dest)
 }

@@ -22,6 +22,7 @@ use dstack_measurements::predict::image::{MEASUREMENTS_FILE, STANDARD_SHAPES, ev
 use crate::boot::{self, BOOT_MODULES, BootError, DOCKER_MODULES};
 use crate::fetch::{DebCache, FetchError, sha256_file, unpack_all};
 use crate::lock::{Lock, Set};
+use crate::progress::Steps;
 use crate::rootfs::{self, RootfsError};
 
 /// Errors building the image directory.
@@ -174,7 +175,8 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
         )));
     }
 
-    // Firmware.
+    let mut steps = Steps::new(if opts.with_rootfs { 5 } else { 4 });
+    steps.begin("firmware");
     let firmware: Vec<_> = lock.set(Set::Firmware).cloned().collect();
     let fw_paths = DebCache::new(cache_root)?.fetch_all(&firmware)?;
     let fw_key: String = firmware.iter().map(|d| &d.sha256[..16]).collect();
@@ -182,7 +184,7 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
     std::fs::copy(fw_root.join(OVMF_IN_PACKAGE), out.join("ovmf.fd"))
         .map_err(io(format!("copying {OVMF_IN_PACKAGE}")))?;
 
-    // Kernel and initramfs.
+    steps.begin("kernel");
     let kernel = boot::prepare_kernel(lock, cache_root)?;
     std::fs::copy(&kernel.vmlinuz, out.join("bzImage")).map_err(io("copying vmlinuz"))?;
     let mut wanted: Vec<&str> = BOOT_MODULES.to_vec();
@@ -190,6 +192,7 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
         wanted.extend_from_slice(DOCKER_MODULES);
     }
     wanted.extend(opts.extra_modules.iter().map(String::as_str));
+    steps.begin("initramfs");
     let start = std::time::Instant::now();
     let initramfs = boot::build_initramfs(&kernel, &init, &wanted, opts.epoch)?;
     std::fs::write(out.join("initramfs.cpio.gz"), &initramfs.bytes).map_err(io("writing initramfs"))?;
@@ -200,8 +203,8 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
         start.elapsed().as_secs_f64()
     );
 
-    // Root filesystem.
     let rootfs = if opts.with_rootfs {
+        steps.begin("rootfs (erofs + dm-verity)");
         // Scratch space beside the output (so parallel builds never share it); removed when done.
         let work = PathBuf::from(format!("{}.rootfs-work", out.display()));
         Some(rootfs::build_rootfs(
@@ -216,6 +219,7 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
         None
     };
 
+    steps.begin("metadata, checksums and measurements");
     let packages = lock
         .debs
         .iter()
@@ -255,6 +259,7 @@ pub fn build_image(lock: &Lock, cache_root: &Path, opts: &BuildOptions) -> Resul
     // Last: the predictor reads the finished directory (and checks sha256sum.txt) like a verifier would.
     let image = format!("dstack-rs-{}", env!("CARGO_PKG_VERSION"));
     write_measurements(out, Some(image), &STANDARD_SHAPES)?;
+    steps.end();
     Ok(os_image_hash)
 }
 

@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod image;
 pub mod lock;
 pub mod modules;
+pub mod progress;
 pub mod resolve;
 pub mod rootfs;
 

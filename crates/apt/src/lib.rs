@@ -182,7 +182,7 @@ impl PrivateApt {
     /// Downloads exact `package=version` specs in one apt-get call (already cached ones are skipped);
     /// returns the .deb paths in the order given.
     pub fn download_many(&self, specs: &[String]) -> Result<Vec<PathBuf>> {
-        let debs = self.state.join("debs");
+        let debs = self.download_dir();
         create_dir(&debs)?;
         let mut wanted = Vec::new();
         for spec in specs {
@@ -208,6 +208,11 @@ impl PrivateApt {
                     .ok_or_else(|| AptError::Lookup(format!("apt-get download left no .deb for {n} {v}")))
             })
             .collect()
+    }
+
+    /// The directory `apt-get download` writes into (watched for download progress).
+    pub fn download_dir(&self) -> PathBuf {
+        self.state.join("debs")
     }
 
     /// Downloads and unpacks `package` into the cache; returns the root of the unpacked tree.
