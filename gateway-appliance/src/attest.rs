@@ -7,13 +7,22 @@
 //! chain to a configured root); rustls checks the handshake signature, proving possession of the
 //! key. The quote, key binding and event-log replay are checked by [`RaTlsIdentity`] when a
 //! handler asks who is calling.
+//!
+//! Revocation: given a [`RevocationSet`] ([`RaTlsIdentity::with_revocations`], kept current by
+//! [`kms_crl_refresher`] from the KMS's `Revocation.GetCrl`), a caller presenting a certificate chain
+//! issued under the KMS root (an app certificate from `SignCert`) is refused when the KMS's list
+//! covers it, with the serial in the reason. Self-signed RA-TLS certificates are outside the KMS's
+//! list. Wiring (not done here): `main.rs` must pass the KMS root to [`server_config`] as a client
+//! root and attach the set; until then only self-signed RA-TLS certificates reach the handler.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dstack_measurements::sim::SimRootPin;
-use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, DeferredAttestationClientVerifier};
+use dstack_ra_tls::{
+    AttestationPolicy, AttestationVerifier, CrlRefresher, DeferredAttestationClientVerifier, RevocationSet,
+};
 use dstack_rpc::{BoxFuture, CallContext};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
@@ -64,12 +73,22 @@ pub fn build_verifier(cfg: &AttestationConfig) -> Result<Arc<AttestationVerifier
 #[derive(Debug, Clone)]
 pub struct RaTlsIdentity {
     verifier: Arc<AttestationVerifier>,
+    revocations: Option<Arc<RevocationSet>>,
 }
 
 impl RaTlsIdentity {
     /// Identify callers with `verifier`.
     pub fn new(verifier: Arc<AttestationVerifier>) -> Self {
-        Self { verifier }
+        Self {
+            verifier,
+            revocations: None,
+        }
+    }
+
+    /// Also refuse callers whose certificate chain a KMS revocation list in `set` covers.
+    pub fn with_revocations(mut self, set: Arc<RevocationSet>) -> Self {
+        self.revocations = Some(set);
+        self
     }
 
     /// The synchronous check behind [`IdentityProvider::identify`].
@@ -79,6 +98,11 @@ impl RaTlsIdentity {
             return Err(IdentityError("no attestation provided: no client certificate".into()));
         };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Some(set) = &self.revocations {
+            let chain = ctx.peer_certificates.iter().flatten().map(|c| c.as_ref());
+            set.check_chain(chain, now)
+                .map_err(|e| IdentityError(format!("attestation rejected: {e}")))?;
+        }
         let id = self
             .verifier
             .verify_cert(leaf, now)
@@ -102,6 +126,55 @@ impl IdentityProvider for RaTlsIdentity {
         // Verification is CPU-bound and cached per certificate; cheap enough inline.
         Box::pin(async move { self.identify_sync(ctx) })
     }
+}
+
+/// A refresher keeping the KMS's revocation list (root `kms_root`, DER) in `set`, fetched from
+/// `kms_url` (`https://host:port`, `/prpc` appended) every `interval` (bounded by
+/// [`dstack_ra_tls::crl`]). The KMS certificate must chain to `kms_root`; the list is verified
+/// with it too. `required`: refuse KMS-issued chains until a first list arrived.
+pub fn kms_crl_refresher(
+    set: Arc<RevocationSet>,
+    kms_url: &str,
+    kms_root: &[u8],
+    required: bool,
+    interval: std::time::Duration,
+) -> Result<CrlRefresher, AttestError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(kms_root.to_vec()))
+        .map_err(|e| AttestError::Config(format!("KMS root CA: {e}")))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| AttestError::Config(format!("KMS root CA: {e}")))?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AttestError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let base = kms_url.trim_end_matches('/');
+    let url = if base.ends_with("/prpc") {
+        base.to_owned()
+    } else {
+        format!("{base}/prpc")
+    };
+    let client = dstack_rpc::Client::new(&url)
+        .map_err(|e| AttestError::Config(format!("KMS url {url:?}: {e}")))?
+        .with_tls(Arc::new(tls))
+        .with_timeout(std::time::Duration::from_secs(30));
+    let client = Arc::new(dstack_rpc::kms::RevocationClient::new(client));
+    let source = move || {
+        let client = Arc::clone(&client);
+        async move {
+            client
+                .get_crl()
+                .await
+                .map(|r| r.crl)
+                .map_err(|e| format!("GetCrl: {e}"))
+        }
+    };
+    CrlRefresher::new(set, kms_root, required, source, interval).map_err(|e| AttestError::Config(e.to_string()))
 }
 
 /// The RPC server's certificate chain and key.
@@ -168,4 +241,94 @@ pub fn rpc_router_with_sync(
     sync: crate::sync::SyncService,
 ) -> dstack_rpc::RpcRouter {
     rpc_router(registrar).service(dstack_rpc::gateway::GatewaySyncServer::new(sync))
+}
+
+#[cfg(test)]
+mod revocation_tests {
+    use dstack_ra_tls::revocation::{CrlContent, RevokedSerial, build_crl};
+    use dstack_ra_tls::{CaCert, CertRequest};
+    use rcgen::KeyPair;
+
+    use super::*;
+
+    fn key() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    fn ctx(chain: Vec<CertificateDer<'static>>) -> CallContext {
+        let mut c = CallContext::local();
+        c.peer_certificates = Some(chain);
+        c
+    }
+
+    #[test]
+    fn revoked_kms_issued_client_certificate_is_refused_with_its_serial() {
+        let root = CaCert::self_signed(
+            &CertRequest {
+                subject: "Dstack KMS CA".into(),
+                ca_level: Some(1),
+                ..Default::default()
+            },
+            key(),
+        )
+        .unwrap();
+        let app_ca = CaCert::issued_by(
+            &CertRequest {
+                subject: "Dstack App CA".into(),
+                ca_level: Some(0),
+                ..Default::default()
+            },
+            key(),
+            &root,
+        )
+        .unwrap();
+        let leaf_req = CertRequest {
+            subject: "dstack-guest-agent".into(),
+            usage_client_auth: true,
+            app_id: Some(vec![0x11; 20]),
+            ..Default::default()
+        };
+        let chain = |serial: &[u8]| {
+            let leaf = app_ca.issue_with_serial(&leaf_req, &key(), serial).unwrap();
+            vec![leaf.der().clone(), app_ca.cert_der().clone()]
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let crl = build_crl(
+            &root,
+            &CrlContent {
+                crl_number: 1,
+                this_update: now - 10,
+                next_update: now + 3600,
+                serials: vec![RevokedSerial {
+                    serial: vec![0x0d, 0xea, 0xd0],
+                    revoked_at: now - 10,
+                }],
+                apps: Vec::new(),
+            },
+        )
+        .unwrap();
+        let set = RevocationSet::new();
+        set.add_issuer(root.cert_der(), true).unwrap();
+        let mut tampered = crl.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(set.update_der(&tampered, now).is_err(), "a tampered list is refused");
+        set.update_der(&crl, now).unwrap();
+
+        let id =
+            RaTlsIdentity::new(Arc::new(AttestationVerifier::new(AttestationPolicy::default()))).with_revocations(set);
+        // An unlisted serial passes the revocation check and reaches the attestation check (these test
+        // certificates carry no quote).
+        let e = id
+            .identify_sync(&ctx(chain(&[0x0d, 0xea, 0xd1])))
+            .map(|_| ())
+            .unwrap_err()
+            .0;
+        assert!(!e.contains("revoked") && e.contains("no quote"), "{e}");
+        let e = id
+            .identify_sync(&ctx(chain(&[0x0d, 0xea, 0xd0])))
+            .map(|_| ())
+            .unwrap_err()
+            .0;
+        assert!(e.contains("revoked") && e.contains("0dead0"), "{e}");
+    }
 }

@@ -4,6 +4,8 @@
 //! ```toml
 //! [core]
 //! rpc_domain = "gateway.example.com"   # name in the gateway's RPC certificate
+//! # state_dir = "/var/lib/dstack-gateway"   # cluster state (registrations, certificates, nodes)
+//! #                                        # persisted here (0600) and reloaded at start; unset = memory only
 //!
 //! [core.wg]
 //! listen_port = 51820
@@ -24,7 +26,8 @@
 //! listen_port = 8443
 //! external_port = 443
 //! agent_port = 8090
-//! buffer_size = 8192                   # bytes per direction per connection
+//! buffer_size = 65536                  # largest copy buffer per direction per connection (starts at
+//!                                      # 4 KiB, doubles while transfers fill it)
 //! max_client_hello = 16384             # ClientHello bytes read before giving up
 //! connect_top_n = 3
 //! app_address_ns_prefix = "_dstack-app-address"
@@ -128,6 +131,8 @@ pub struct GatewayConfig {
 pub struct CoreConfig {
     /// Host name of the registration RPC endpoint.
     pub rpc_domain: String,
+    /// Where the cluster state is persisted (`cluster-state.json`); `None` keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
     /// `[core.wg]`.
     pub wg: WgConfig,
     /// `[core.proxy]`.
@@ -342,7 +347,7 @@ pub struct ProxyConfig {
     pub external_port: u16,
     /// Guest agent port inside CVMs (announced to CVMs).
     pub agent_port: u16,
-    /// Copy buffer per direction per connection, bytes.
+    /// Largest copy buffer per direction per connection, bytes (grown from 4 KiB on demand).
     pub buffer_size: usize,
     /// Largest ClientHello accepted, bytes.
     pub max_client_hello: usize,
@@ -374,7 +379,7 @@ impl Default for ProxyConfig {
             listen_port: 8443,
             external_port: 443,
             agent_port: 8090,
-            buffer_size: 8192,
+            buffer_size: 64 * 1024,
             max_client_hello: 16 * 1024,
             connect_top_n: 3,
             app_address_ns_prefix: "_dstack-app-address".into(),

@@ -250,7 +250,7 @@ async fn start_registration(
         .await
         .with_context(|| format!("binding rpc {}", rpc.address))?;
     info!(address = %rpc.address, "RegisterCvm listening (RA-TLS)");
-    let router = if sync_cfg.enabled {
+    let sync = if sync_cfg.enabled {
         // Our RPC certificate must be an RA-TLS certificate of the gateway app for peers to
         // accept it, as theirs must be for us.
         let service = SyncService::new(
@@ -260,9 +260,6 @@ async fn start_registration(
         )?;
         let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &sync_cfg.gateway_app_id)?;
         let client = client_tls(peer_verifier, client_identity.0, client_identity.1)?;
-        let syncer = Syncer::new(registrar.clone(), client);
-        info!(node_id = sync_cfg.node_id, peers = ?syncer.targets(), "gateway sync enabled");
-        tokio::spawn(syncer.run(sync_cfg.interval));
         // Certificates renewed by another node are installed here too.
         let (proxy_cfg, proxy_tls) = (config.core.proxy.clone(), proxy_tls.clone());
         registrar.set_cert_hook(Box::new(move |c| {
@@ -280,9 +277,24 @@ async fn start_registration(
                 Err(e) => warn!("installing certificate from peer: {e}"),
             }
         }));
-        Arc::new(rpc_router_with_sync(registrar.clone(), service))
+        Some((service, client))
     } else {
-        Arc::new(rpc_router(registrar.clone()))
+        None
+    };
+    // Restore before serving or syncing (certificates go through the hook installed above).
+    // A state file we cannot read stops the start: deleting it means re-learning from peers.
+    let restored = registrar.load_state().context("restoring core.state_dir")?;
+    for r in &restored.rejected {
+        warn!("restored state: skipped record: {r}");
+    }
+    let router = match sync {
+        Some((service, client)) => {
+            let syncer = Syncer::new(registrar.clone(), client);
+            info!(node_id = sync_cfg.node_id, peers = ?syncer.targets(), "gateway sync enabled");
+            tokio::spawn(syncer.run(sync_cfg.interval));
+            Arc::new(rpc_router_with_sync(registrar.clone(), service))
+        }
+        None => Arc::new(rpc_router(registrar.clone())),
     };
     let wgc = &config.core.wg;
     if !wgc.rotate_interval.is_zero() {

@@ -19,6 +19,7 @@ use tracing::info;
 use crate::auth_webhook::{AuthWebhook, WebhookError};
 use crate::config::{Cidr, GatewayConfig};
 use crate::routing::{Instance, PortPolicy, RoutingTable};
+use crate::sync::persist::{PersistError, StateFile};
 use crate::sync::store::{CertRecord, InstanceRecord, MergeOutcome, NodeRecord, Store, from_unix_ms, unix_ms};
 
 /// The attested identity of a registering CVM.
@@ -165,6 +166,10 @@ pub struct Registrar {
     pub acme_account: Mutex<Option<String>>,
     /// Accepted / refused `RegisterCvm` calls.
     pub stats: RegistrationStats,
+    /// Where the store is persisted (`core.state_dir`).
+    state_file: Option<StateFile>,
+    /// Orders saves: each one writes the store as it is once it holds this.
+    save_lock: Mutex<()>,
 }
 
 /// Installs a certificate received from another node.
@@ -177,6 +182,21 @@ pub struct RegistrationStats {
     pub accepted: std::sync::atomic::AtomicU64,
     /// Refused registrations.
     pub refused: std::sync::atomic::AtomicU64,
+    /// Failed saves of the cluster state.
+    pub persist_failures: std::sync::atomic::AtomicU64,
+}
+
+/// What [`Registrar::load_state`] restored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Instance records (tombstones included).
+    pub instances: usize,
+    /// Certificates.
+    pub certs: usize,
+    /// Node records.
+    pub nodes: usize,
+    /// Records skipped as malformed.
+    pub rejected: Vec<String>,
 }
 
 impl std::fmt::Debug for Registrar {
@@ -202,6 +222,7 @@ impl Registrar {
         policy: AdmissionPolicy,
     ) -> Self {
         let wg_public = Mutex::new(config.core.wg.public_key.clone());
+        let state_file = config.core.state_dir.as_deref().map(StateFile::new);
         let r = Self {
             config,
             table,
@@ -216,6 +237,8 @@ impl Registrar {
             cert_hook: Mutex::new(None),
             acme_account: Mutex::new(None),
             stats: RegistrationStats::default(),
+            state_file,
+            save_lock: Mutex::new(()),
         };
         r.heartbeat();
         r
@@ -225,6 +248,55 @@ impl Registrar {
     pub fn with_webhook(mut self, webhook: Option<AuthWebhook>) -> Self {
         self.webhook = webhook;
         self
+    }
+
+    /// Reload the state saved in `core.state_dir` (if any) and make routing, WireGuard and the
+    /// certificate hook follow it; call once at start, after [`Self::set_cert_hook`]. Peers then
+    /// only need to send what changed while this node was down.
+    pub fn load_state(&self) -> Result<RestoreReport, PersistError> {
+        let Some(file) = &self.state_file else {
+            return Ok(RestoreReport::default());
+        };
+        let Some(saved) = file.load()? else {
+            return Ok(RestoreReport::default());
+        };
+        let out = self.merge_remote(&saved).map_err(|e| PersistError::Format {
+            path: file.path(),
+            reason: format!("applying restored peers: {e}"),
+        })?;
+        // Our own record as saved may be outdated (new URL, rotated key): re-announce.
+        self.heartbeat();
+        info!(
+            instances = saved.instances.len(),
+            certs = saved.certs.len(),
+            nodes = saved.nodes.len(),
+            "restored cluster state from {}",
+            file.path().display()
+        );
+        Ok(RestoreReport {
+            instances: saved.instances.len(),
+            certs: saved.certs.len(),
+            nodes: saved.nodes.len(),
+            rejected: out.rejected,
+        })
+    }
+
+    /// Save the store to `core.state_dir` (no-op without one). Failures are logged and counted:
+    /// the state also lives on in memory and on the peers.
+    fn persist(&self) {
+        let Some(file) = &self.state_file else { return };
+        let _order = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let wire = self
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .to_wire(self.node_id());
+        if let Err(e) = file.save(&wire, now_ms()) {
+            self.stats
+                .persist_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("saving cluster state: {e}");
+        }
     }
 
     /// Install certificates that arrive from other nodes with `hook`.
@@ -250,6 +322,7 @@ impl Registrar {
     pub fn set_wg_public_key(&self, key: String) {
         *self.wg_public.lock().unwrap_or_else(|e| e.into_inner()) = key;
         self.heartbeat();
+        self.persist();
         self.changed.notify_one();
     }
 
@@ -391,6 +464,8 @@ impl Registrar {
                 ip
             };
             self.apply()?;
+            // Durable before the CVM is told its address.
+            self.persist();
             ip
         };
         self.changed.notify_one();
@@ -440,6 +515,7 @@ impl Registrar {
             return Ok(Vec::new());
         }
         self.apply()?;
+        self.persist();
         self.changed.notify_one();
         info!(count = gone.len(), "recycled stale instances");
         Ok(gone
@@ -463,6 +539,10 @@ impl Registrar {
             let out = self.store.lock().unwrap_or_else(|e| e.into_inner()).merge(state);
             if out.instances {
                 self.apply()?;
+            }
+            // Liveness-only node updates are not worth a write: peers resend them every round.
+            if out.instances || !out.certs.is_empty() || out.nodes_changed {
+                self.persist();
             }
             out
         };
@@ -500,6 +580,7 @@ impl Registrar {
             origin: self.node_id(),
         };
         self.store.lock().unwrap_or_else(|e| e.into_inner()).merge_cert(rec);
+        self.persist();
         self.changed.notify_one();
     }
 

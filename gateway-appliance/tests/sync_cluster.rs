@@ -99,12 +99,26 @@ impl Drop for Node {
 }
 
 async fn start_node(id: u32, gw_sim: &SimTdx, verifier: Arc<AttestationVerifier>, bootnodes: &[&str]) -> Node {
+    start_node_in(id, gw_sim, verifier, bootnodes, None).await
+}
+
+/// A node whose state persists in `state_dir` (restored before it serves or syncs, as in main).
+async fn start_node_in(
+    id: u32,
+    gw_sim: &SimTdx,
+    verifier: Arc<AttestationVerifier>,
+    bootnodes: &[&str],
+    state_dir: Option<&std::path::Path>,
+) -> Node {
     let (cert, key) = ra_cert(gw_sim, "dstack-gateway");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let boot: Vec<String> = bootnodes.iter().map(|b| format!("{b:?}")).collect();
+    let state = state_dir.map_or(String::new(), |d| {
+        format!("state_dir = {:?}\n", d.display().to_string())
+    });
     let toml = format!(
-        "[core]\nrpc_domain = \"gw{id}.test\"\n\
+        "[core]\nrpc_domain = \"gw{id}.test\"\n{state}\
          [core.wg]\npublic_key = \"{pk}\"\nip = \"10.0.0.{ip}/24\"\nendpoint = \"192.0.2.{id}:51820\"\n\
          [core.proxy]\nbase_domain = \"app.test\"\n\
          [core.sync]\nenabled = true\nnode_id = {id}\nmy_url = \"{url}\"\nbootnodes = [{boot}]\n\
@@ -127,6 +141,7 @@ async fn start_node(id: u32, gw_sim: &SimTdx, verifier: Arc<AttestationVerifier>
     let certs = Arc::new(Mutex::new(Vec::new()));
     let seen = certs.clone();
     registrar.set_cert_hook(Box::new(move |c| seen.lock().unwrap().push(c.chain_pem.clone())));
+    registrar.load_state().unwrap();
 
     let sync = SyncService::new(
         registrar.clone(),
@@ -350,4 +365,94 @@ async fn sync_refuses_peers_of_another_app() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("expected"), "{err}");
+}
+
+/// A node restarted on the same `state_dir` routes to the CVMs it knew before talking to anyone,
+/// reinstalls the cluster certificate, keeps addresses stable, and catches up with what a peer
+/// learned while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_restores_state_and_catches_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw_sims: Vec<SimTdx> = (1..=2).map(|i| sim(&GW_APP, 0x40 + i)).collect();
+    let (cvm_a, cvm_b, cvm_c) = (sim(&CVM_APP, 0x0a), sim(&CVM_APP, 0x0b), sim(&CVM_APP, 0x0c));
+    let mut pins: Vec<_> = gw_sims.iter().map(SimTdx::root_pin).collect();
+    pins.extend([cvm_a.root_pin(), cvm_b.root_pin(), cvm_c.root_pin()]);
+    let verifier = Arc::new(AttestationVerifier::new(AttestationPolicy {
+        allow_simulated: true,
+        simulated_roots: pins,
+        ..Default::default()
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = dir.path().join("gw1");
+
+    let mut n1 = start_node_in(1, &gw_sims[0], verifier.clone(), &[], Some(&d1)).await;
+    let n2 = start_node(2, &gw_sims[1], verifier.clone(), &[&n1.url]).await;
+    let a = register(&n1, &verifier, &cvm_a, 1).await;
+    let a_ip = a.wg.as_ref().unwrap().client_ip.clone();
+    n1.registrar.publish_cert("app.test", "CHAIN-1".into(), "KEY-1".into());
+    let inst_a = hex::encode([0x0a; 20]);
+    wait_for("node 2 has CVM a and the certificate", || {
+        n2.table.get(&inst_a).is_some() && n2.registrar.cert("app.test").is_some()
+    })
+    .await;
+
+    let file = d1.join(dstack_gateway::sync::persist::STATE_FILE);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the state file holds certificate keys");
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.contains(&inst_a) && saved.contains("KEY-1"));
+
+    // Node 1 goes down; CVM b registers at node 2 meanwhile.
+    n1.kill();
+    drop(n1);
+    let b = register(&n2, &verifier, &cvm_b, 2).await;
+    let inst_b = hex::encode([0x0b; 20]);
+
+    // Restarted with no bootnode: it knows node 2 from its saved node records and catches up.
+    let n1 = start_node_in(1, &gw_sims[0], verifier.clone(), &[], Some(&d1)).await;
+    assert!(n1.table.get(&inst_a).is_some(), "restored before any sync");
+    wait_for("restarted node 1 catches up with CVM b", || {
+        n1.table.get(&inst_b).is_some()
+    })
+    .await;
+    assert_eq!(n1.wg.0.lock().unwrap().len(), 2);
+    // Addresses stay stable across the restart.
+    let again = register(&n1, &verifier, &cvm_a, 1).await;
+    assert_eq!(again.wg.unwrap().client_ip, a_ip);
+    let b_ip = b.wg.unwrap().client_ip;
+    let b_again = register(&n1, &verifier, &cvm_b, 2).await;
+    assert_eq!(b_again.wg.unwrap().client_ip, b_ip);
+
+    // Both nodes down; node 1 restarted with no live peer: everything comes from the state file.
+    drop((n1, n2));
+    let alone = start_node_in(1, &gw_sims[0], verifier.clone(), &[], Some(&d1)).await;
+    for (inst, ip) in [(&inst_a, &a_ip), (&inst_b, &b_ip)] {
+        let route = alone
+            .table
+            .resolve(inst, 8080, SystemTime::now(), 3, Duration::from_secs(1800))
+            .expect("restored node routes to the CVM");
+        assert_eq!(route.preferred[0].addr.to_string(), format!("{ip}:8080"));
+    }
+    let mut peers: Vec<String> = alone
+        .wg
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.public_key.clone())
+        .collect();
+    peers.sort();
+    assert_eq!(peers, [wg_key(1), wg_key(2)], "both CVMs are WireGuard peers again");
+    assert_eq!(
+        alone.certs.lock().unwrap().as_slice(),
+        ["CHAIN-1"],
+        "certificate reinstalled"
+    );
+    assert_eq!(alone.registrar.cert("app.test").unwrap().key_pem, "KEY-1");
+    let c = register(&alone, &verifier, &cvm_c, 3).await;
+    let c_ip = c.wg.unwrap().client_ip;
+    assert!(
+        c_ip != a_ip && c_ip != b_ip,
+        "restored addresses are not handed out again"
+    );
 }

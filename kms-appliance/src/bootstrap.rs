@@ -245,6 +245,12 @@ impl OnboardService {
     }
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn rpc_err(e: KmsError) -> RpcError {
     RpcError::Handler(e.to_string())
 }
@@ -273,18 +279,37 @@ impl OnboardRpc for OnboardService {
                 self.store.existing_files().join(", ")
             ))));
         }
-        let keys = match onboard_from(&self.ctx, &req.source_url, req.domain.trim()).await {
+        let onboarded = match onboard_from(&self.ctx, &req.source_url, req.domain.trim()).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(source = %req.source_url, "onboarding failed: {e}");
                 return Err(RpcError::Handler(format!("Onboard failed: {e}")));
             }
         };
+        // Revocations first: a node holding the keys never publishes less than the source did.
+        if let Some(content) = &onboarded.revocations {
+            let note = format!(
+                "copied from {} at onboarding (CRL #{})",
+                onboarded.source_url, content.crl_number
+            );
+            self.ctx
+                .revocations
+                .merge_crl(content, now_secs(), &note)
+                .map_err(rpc_err)?;
+        }
         let store = self.store.clone();
+        let keys = onboarded.keys;
         let keys = tokio::task::spawn_blocking(move || store.save_new(&keys).map(|()| keys))
             .await
             .map_err(|e| RpcError::Internal(format!("writer task failed: {e}")))?
             .map_err(rpc_err)?;
+        crate::replication::save_source(
+            self.store.dir(),
+            &crate::replication::ReplicationSource {
+                source_url: onboarded.source_url.clone(),
+            },
+        )
+        .map_err(rpc_err)?;
         *done = true;
         tracing::info!(
             source = %req.source_url,
@@ -298,7 +323,9 @@ impl OnboardRpc for OnboardService {
     }
 
     async fn get_attestation_info(&self, _ctx: &CallContext, _req: Empty) -> Result<AttestationInfoResponse, RpcError> {
-        Err(RpcError::Handler("GetAttestationInfo is not implemented yet".into()))
+        crate::attestation_info::attestation_info(&self.ctx)
+            .await
+            .map_err(|e| RpcError::Handler(format!("GetAttestationInfo: {e}")))
     }
 
     async fn finish(&self, _ctx: &CallContext, _req: Empty) -> Result<Empty, RpcError> {

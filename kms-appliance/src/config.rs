@@ -9,8 +9,9 @@
 //!
 //! [core]
 //! cert_dir = "/etc/kms/certs"   # key material (root-ca.key, root-k256.key, tmp-ca.key, rpc.key, ...)
-//! tee = "auto"                  # "auto" | "tdx" | "simulated:unix:<path>" | "simulated:vsock:<cid>:<port>" | "none"
+//! tee = "auto"                  # auto | tdx | simulated:{unix:<path>,vsock:<cid>:<port>} | agent:<socket> | none
 //! attest_rpc_cert = true        # put the KMS's own attestation into rpc.crt (needs a TEE)
+//! site_name = ""                # reported by Onboard.GetAttestationInfo
 //!
 //! [core.attestation]            # how client CVMs' RA-TLS evidence is verified
 //! allow_simulated = false       # accept quotes of the simulated TDX module (dev only)
@@ -34,6 +35,7 @@
 //! port = 8000
 //! vm_config_file = ""           # this KMS's vm_config (VmConfig JSON, or a sys-config JSON with a
 //!                               # "vm_config" string); sent to the source KMS by Onboard.Onboard
+//! revocation_sync_secs = 300    # an onboarded replica pulls the source's revocation list this often (0 = off)
 //!
 //! [core.image]                  # OS image verification of key-release callers (dstack's [core.image])
 //! verify = false                # recompute MRTD/RTMR0-2 from the cached image and refuse on mismatch
@@ -115,6 +117,8 @@ pub struct CoreConfig {
     /// Which TEE the KMS itself runs in (for its bootstrap attestation and the RPC certificate).
     pub tee: String,
     pub attest_rpc_cert: bool,
+    /// Reported by `Onboard.GetAttestationInfo` (dstack's `site_name`).
+    pub site_name: String,
     pub attestation: AttestationConfig,
     pub auth_api: AuthApiConfig,
     pub onboard: OnboardConfig,
@@ -128,6 +132,7 @@ impl Default for CoreConfig {
             cert_dir: PathBuf::from("/etc/kms/certs"),
             tee: "auto".into(),
             attest_rpc_cert: true,
+            site_name: String::new(),
             attestation: AttestationConfig::default(),
             auth_api: AuthApiConfig::default(),
             onboard: OnboardConfig::default(),
@@ -236,6 +241,9 @@ pub struct OnboardConfig {
     pub port: u16,
     /// This KMS's vm_config for `GetKmsKey` (empty: none is sent).
     pub vm_config_file: Option<PathBuf>,
+    /// A replica pulls its source's revocation list this often (seconds; 0 = never), see
+    /// [`crate::replication`].
+    pub revocation_sync_secs: u64,
 }
 
 impl Default for OnboardConfig {
@@ -246,6 +254,7 @@ impl Default for OnboardConfig {
             address: default_address(),
             port: default_port(),
             vm_config_file: None,
+            revocation_sync_secs: 300,
         }
     }
 }

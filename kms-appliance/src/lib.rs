@@ -19,12 +19,14 @@
 //!   service (`ClearImageCache`, `RevokeCerts`) on its own token-protected listener.
 //! * [`revocation`]: revoked certificates (`revocations.json` in `cert_dir`) and the CRL signed by the root CA
 //!   that the KMS publishes (`Revocation.GetCrl`, `GET /prpc/GetCrl`); RA-TLS verifiers load it with
-//!   [`dstack_ra_tls::RevocationList`].
-//!
-//! Not implemented yet: `Onboard.GetAttestationInfo`; replication does not copy `revocations.json`.
+//!   [`dstack_ra_tls::RevocationList`] / [`dstack_ra_tls::RevocationSet`]; the KMS refuses callers presenting a
+//!   revoked certificate it issued.
+//! * [`replication`]: a replica copies the source's revocations at onboarding and then pulls them periodically.
+//! * [`attestation_info`] serves `Onboard.GetAttestationInfo`.
 
 pub mod admin;
 pub mod admin_service;
+pub mod attestation_info;
 pub mod bootstrap;
 pub mod chain;
 pub mod config;
@@ -32,6 +34,7 @@ pub mod image;
 pub mod onboard;
 pub mod onchain;
 pub mod policy;
+pub mod replication;
 pub mod revocation;
 pub mod server;
 pub mod service;

@@ -14,6 +14,10 @@
 //! 4. **Check what we received**: exactly one key set, the root CA key matches the pinned root certificate, and
 //!    both public keys equal the source's `bootstrap_info`, which we keep (it attests the keys' generation).
 //!    A new RPC key and certificate are issued for our own `domain` (attested by our TEE).
+//! 5. **Copy the revocations**: the source's CRL (`Revocation.GetCrl`, same pinned connection) verified with the
+//!    root; a source that serves none (a dstack KMS) is logged and skipped, one that does not verify fails the
+//!    onboarding. The caller merges it into our `revocations.json` and records the source for the periodic pull
+//!    ([`crate::replication`]).
 //!
 //! Like any key-release caller, the new KMS must boot as a dstack app (its RTMR3 events carry a 20-byte
 //! app-id): that identity is what `bootAuth/kms` / `isKmsAllowed` decide on, together with the measurements.
@@ -27,7 +31,7 @@ use dstack_ra_tls::{
     AttestationPolicy, AttestationVerifier, CaCert, CertRequest, RaTlsServerVerifier, parse_cert, ra_tls_report_data,
 };
 use dstack_rpc::Client;
-use dstack_rpc::kms::{BootstrapResponse, GetKmsKeyRequest, KmsClient};
+use dstack_rpc::kms::{BootstrapResponse, GetKmsKeyRequest, KmsClient, RevocationClient};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -71,6 +75,22 @@ pub struct OnboardContext {
     /// Our vm_config, sent with `GetKmsKey`.
     pub vm_config: String,
     pub attest_rpc_cert: bool,
+    /// Where the revocations copied from the source go (and what `Bootstrap` starts from).
+    pub revocations: Arc<crate::revocation::RevocationStore>,
+    /// `GetAttestationInfo` fields from the configuration.
+    pub site_name: String,
+    pub eth_rpc_url: String,
+    pub kms_contract_address: String,
+}
+
+/// What a successful onboarding brings home.
+#[derive(Debug)]
+pub struct Onboarded {
+    pub keys: KeyMaterial,
+    /// The source's verified CRL content (`None` when the source publishes none).
+    pub revocations: Option<dstack_ra_tls::CrlContent>,
+    /// The normalized source URL (`https://host:port/prpc`).
+    pub source_url: String,
 }
 
 /// `https://host:port[/prpc]` → `https://host:port/prpc`.
@@ -172,7 +192,7 @@ async fn record_chain(url: &str) -> Result<Vec<CertificateDer<'static>>, Onboard
 }
 
 /// Runs the onboarding protocol against `source_url`; returns the key set to store for `domain`.
-pub async fn onboard_from(ctx: &OnboardContext, source_url: &str, domain: &str) -> Result<KeyMaterial, OnboardError> {
+pub async fn onboard_from(ctx: &OnboardContext, source_url: &str, domain: &str) -> Result<Onboarded, OnboardError> {
     validate_domain(domain).map_err(|e| OnboardError::Local(e.to_string()))?;
     let tee = ctx.tee.as_ref().ok_or(OnboardError::NoTee)?;
     let url = normalize_source_url(source_url)?;
@@ -298,10 +318,30 @@ pub async fn onboard_from(ctx: &OnboardContext, source_url: &str, domain: &str) 
             attestation: Vec::new(),
         },
     };
+    // 5. The source's revocations.
+    let crl = RevocationClient::new(public.transport().clone());
+    let revocations = match crl.get_crl().await {
+        Ok(r) => {
+            let list = dstack_ra_tls::RevocationList::from_der(&r.crl, &root, now)
+                .map_err(|e| OnboardError::SourceUnverified(format!("revocation list: {e}")))?;
+            tracing::info!(
+                source = %url,
+                crl_number = list.content().crl_number,
+                serials = list.content().serials.len(),
+                app_rules = list.content().apps.len(),
+                "copying the source's revocation list"
+            );
+            Some(list.content().clone())
+        }
+        Err(e) => {
+            tracing::warn!(source = %url, "the source publishes no revocation list (GetCrl: {e}); none copied");
+            None
+        }
+    };
     let (rpc_cert_pem, rpc_key_pem) = issue_rpc_cert(&root_ca, domain, Some(tee).filter(|_| ctx.attest_rpc_cert))
         .await
         .map_err(|e| OnboardError::Local(format!("RPC certificate: {e}")))?;
-    Ok(KeyMaterial {
+    let keys = KeyMaterial {
         root_ca,
         root_ca_secret,
         root_k256,
@@ -310,6 +350,11 @@ pub async fn onboard_from(ctx: &OnboardContext, source_url: &str, domain: &str) 
         rpc_key_pem,
         domain: domain.to_owned(),
         bootstrap_info,
+    };
+    Ok(Onboarded {
+        keys,
+        revocations,
+        source_url: url,
     })
 }
 

@@ -5,11 +5,18 @@
 //! The CRL is an X.509 v2 CRL signed by the KMS root CA (see [`dstack_ra_tls::revocation`] for its contents and
 //! the app-wide rule extension). Each publication is valid for [`CRL_VALIDITY_SECS`]; the KMS re-signs it when
 //! half of that has passed or after every change, and the CRL number grows with every change.
+//!
+//! The KMS honours its own list: a caller presenting a certificate chain under the root CA (an app certificate
+//! from `SignCert`) is refused when the list covers it ([`RevocationStore::check_chain`]).
+//!
+//! Replication ([`crate::replication`]): a replica merges the source's verified CRL into its own state
+//! ([`RevocationStore::merge_crl`]): serials and app rules are added, never removed, and the CRL number becomes
+//! at least the source's, so a replica's list is never numbered below what it has copied.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use dstack_ra_tls::{AppRevocation, CaCert, CrlContent, RevokedSerial, build_crl};
+use dstack_ra_tls::{AppRevocation, CaCert, CrlContent, RevocationSet, RevokedSerial, build_crl};
 use serde::{Deserialize, Serialize};
 
 use crate::KmsError;
@@ -68,6 +75,8 @@ pub struct PublishedCrl {
     pub der: Vec<u8>,
     pub crl_number: u64,
     pub this_update: u64,
+    /// The same list, verified and installed for the root CA (what [`RevocationStore::check_chain`] consults).
+    pub set: Arc<RevocationSet>,
 }
 
 /// Normalizes a hex serial: lowercase, no leading zero bytes.
@@ -133,42 +142,106 @@ impl RevocationStore {
         }
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = guard.0.clone();
-        for serial in serials {
-            if !next.serials.iter().any(|e| e.serial == serial) {
-                next.serials.push(SerialEntry {
-                    serial,
-                    revoked_at: now,
-                    reason: req.reason.clone(),
-                });
-            }
-        }
+        add_serials(&mut next, serials, now, &req.reason);
         if let Some(app_id) = app {
-            // One rule per app: a later cutoff covers everything an earlier one did.
-            match next.apps.iter_mut().find(|e| e.app_id == app_id) {
-                Some(e) => {
-                    if req.issued_before > e.issued_before {
-                        e.issued_before = req.issued_before;
-                        e.revoked_at = now;
-                        e.reason.clone_from(&req.reason);
-                    }
-                }
-                None => next.apps.push(AppEntry {
-                    app_id,
-                    issued_before: req.issued_before,
-                    revoked_at: now,
-                    reason: req.reason.clone(),
-                }),
-            }
+            add_app_rule(&mut next, app_id, req.issued_before, now, &req.reason);
         }
         next.crl_number = next.crl_number.saturating_add(1);
+        self.persist(&mut guard, next)
+    }
+
+    /// Writes `next` and makes it current (persist first: a change the caller saw succeed survives a crash).
+    fn persist(
+        &self,
+        guard: &mut std::sync::MutexGuard<'_, (Revocations, Option<Arc<PublishedCrl>>)>,
+        next: Revocations,
+    ) -> Result<Revocations, KmsError> {
         let data =
             serde_json::to_vec_pretty(&next).map_err(|e| KmsError::Storage(format!("encoding revocations: {e}")))?;
-        // Persist before the change becomes visible: a revocation the caller saw succeed survives a crash.
+        // A replica merges the source's list before its keys are stored: cert_dir may not exist yet (created
+        // as the key store does, private).
+        if let Some(dir) = self.path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| KmsError::Storage(format!("creating {}: {e}", dir.display())))?;
+        }
         write_atomic(&self.path, &data, 0o644)?;
-        *guard = (next.clone(), None);
+        **guard = (next.clone(), None);
         Ok(next)
     }
 
+    /// Merges another node's verified CRL (replication): adds the serials and app rules this state lacks and
+    /// raises the CRL number to at least the source's (one more than ours when something was added). Returns
+    /// whether anything changed; an unchanged state is not rewritten.
+    pub fn merge_crl(&self, source: &CrlContent, now: u64, note: &str) -> Result<bool, KmsError> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = guard.0.clone();
+        let serials = source.serials.iter().map(|r| {
+            let first = r.serial.iter().position(|&b| b != 0).unwrap_or(r.serial.len());
+            hex::encode(r.serial.get(first..).unwrap_or_default())
+        });
+        add_serials(&mut next, serials.filter(|s| !s.is_empty()), now, note);
+        for a in &source.apps {
+            add_app_rule(&mut next, hex::encode(&a.app_id), a.issued_before, now, note);
+        }
+        let added = next != guard.0;
+        let number = if added {
+            next.crl_number.saturating_add(1)
+        } else {
+            next.crl_number
+        };
+        next.crl_number = number.max(source.crl_number);
+        if next == guard.0 {
+            return Ok(false);
+        }
+        self.persist(&mut guard, next)?;
+        Ok(true)
+    }
+
+    /// Refuses `chain` (leaf first, as presented) when this KMS's current list covers a certificate in it
+    /// that was issued under `root_ca` (the error names the serial or app rule).
+    pub fn check_chain(&self, root_ca: &CaCert, chain: &[&[u8]], now: u64) -> Result<(), KmsError> {
+        let crl = self.crl(root_ca, now)?;
+        crl.set.check_chain(chain.iter().copied(), now)?;
+        Ok(())
+    }
+}
+
+fn add_serials(next: &mut Revocations, serials: impl IntoIterator<Item = String>, now: u64, reason: &str) {
+    for serial in serials {
+        if !next.serials.iter().any(|e| e.serial == serial) {
+            next.serials.push(SerialEntry {
+                serial,
+                revoked_at: now,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+}
+
+/// One rule per app: a later cutoff covers everything an earlier one did.
+fn add_app_rule(next: &mut Revocations, app_id: String, issued_before: u64, now: u64, reason: &str) {
+    match next.apps.iter_mut().find(|e| e.app_id == app_id) {
+        Some(e) => {
+            if issued_before > e.issued_before {
+                e.issued_before = issued_before;
+                e.revoked_at = now;
+                reason.clone_into(&mut e.reason);
+            }
+        }
+        None => next.apps.push(AppEntry {
+            app_id,
+            issued_before,
+            revoked_at: now,
+            reason: reason.to_owned(),
+        }),
+    }
+}
+
+impl RevocationStore {
     /// The current CRL signed by `root_ca`, re-signed after a change or when half its validity has passed.
     pub fn crl(&self, root_ca: &CaCert, now: u64) -> Result<Arc<PublishedCrl>, KmsError> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,10 +252,14 @@ impl RevocationStore {
         }
         let content = to_content(&guard.0, now)?;
         let der = build_crl(root_ca, &content)?;
+        let set = RevocationSet::new();
+        set.add_issuer(root_ca.cert_der(), true)?;
+        set.update_der_from(root_ca.cert_der(), &der, now)?;
         let published = Arc::new(PublishedCrl {
             der,
             crl_number: content.crl_number,
             this_update: now,
+            set,
         });
         guard.1 = Some(Arc::clone(&published));
         Ok(published)

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dstack_measurements::sim::SimRootPin;
 use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, StaticCollateral};
@@ -21,6 +22,7 @@ use crate::config::{AttestationConfig, KmsConfig};
 use crate::image::ImageVerifier;
 use crate::onboard::OnboardContext;
 use crate::policy::AuthApi;
+use crate::replication::{SyncTask, load_source, spawn_sync};
 use crate::revocation::{CrlService, RevocationStore};
 use crate::service::KmsService;
 use crate::store::KeyStore;
@@ -133,6 +135,8 @@ pub struct KmsHandle {
     pub service: KmsService,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The replica's revocation pull (stops with the handle).
+    _sync: Option<SyncTask>,
 }
 
 impl KmsHandle {
@@ -209,12 +213,18 @@ impl Kms {
     /// Serves the `Onboard` service over plain HTTP on `listener` until a bootstrap or onboarding is followed by
     /// `Finish`.
     pub async fn serve_onboard(&self, listener: TcpListener) -> Result<(), KmsError> {
+        let auth = &self.config.core.auth_api;
+        let onchain = (auth.kind == crate::config::AuthApiKind::Onchain).then_some(&auth.onchain);
         let ctx = OnboardContext {
             tee: self.tee.clone(),
             verifier: Arc::clone(&self.verifier),
             auth: self.auth.clone(),
             vm_config: self.config.core.onboard.load_vm_config()?,
             attest_rpc_cert: self.config.core.attest_rpc_cert,
+            revocations: Arc::clone(&self.revocations),
+            site_name: self.config.core.site_name.clone(),
+            eth_rpc_url: onchain.map(|c| c.rpc_url.clone()).unwrap_or_default(),
+            kms_contract_address: onchain.map(|c| c.kms_contract.clone()).unwrap_or_default(),
         };
         let (svc, mut finished) = OnboardService::new(self.store.clone(), ctx);
         let router = Arc::new(RpcRouter::new("/prpc").service(OnboardServer::new(svc)));
@@ -233,8 +243,16 @@ impl Kms {
             .await
             .map_err(|e| KmsError::Storage(format!("loader task failed: {e}")))??;
         let tls = crate::tls::server_config(&keys)?;
+        let keys_root = keys.root_ca.cert_der().to_vec();
         let image = self.config.core.image.verify.then(|| Arc::clone(&self.image));
-        let service = KmsService::new(keys, Arc::clone(&self.verifier), self.auth.clone(), image);
+        let service = KmsService::new(
+            keys,
+            Arc::clone(&self.verifier),
+            self.auth.clone(),
+            image,
+            Some(Arc::clone(&self.revocations)),
+        );
+        let sync = self.start_revocation_sync(&keys_root)?;
         let crl = CrlService {
             kms: service.clone(),
             store: Arc::clone(&self.revocations),
@@ -255,7 +273,27 @@ impl Kms {
             service,
             stop: Some(stop),
             task,
+            _sync: sync,
         })
+    }
+
+    /// A replica (onboarded from a source, `replication-source.json`) follows the source's revocations.
+    fn start_revocation_sync(&self, root: &[u8]) -> Result<Option<SyncTask>, KmsError> {
+        let every = self.config.core.onboard.revocation_sync_secs;
+        let Some(source) = load_source(&self.config.core.cert_dir)? else {
+            return Ok(None);
+        };
+        if every == 0 {
+            tracing::warn!(source = %source.source_url, "revocation_sync_secs = 0: not following the source");
+            return Ok(None);
+        }
+        spawn_sync(
+            source.source_url,
+            root.to_vec(),
+            Arc::clone(&self.revocations),
+            Duration::from_secs(every),
+        )
+        .map(Some)
     }
 
     /// Serves the `Admin` service (bearer token `[core.admin] auth_token`) over plain HTTP on `listener`.

@@ -38,6 +38,7 @@ use zeroize::Zeroizing;
 
 use crate::image::{ImageVerifier, os_image_hash_from_vm_config};
 use crate::policy::{AuthApi, BootInfo};
+use crate::revocation::RevocationStore;
 use crate::store::KeyMaterial;
 
 /// Maximum number of apps whose instance-independent keys are cached.
@@ -50,6 +51,8 @@ pub struct KmsState {
     pub auth: AuthApi,
     /// `[core.image] verify`: callers' MRTD/RTMR0-2 must match their OS image.
     pub image: Option<Arc<ImageVerifier>>,
+    /// This KMS's revocation list: callers presenting a revoked certificate issued under the root are refused.
+    pub revocations: Option<Arc<RevocationStore>>,
     app_cache: Mutex<HashMap<[u8; ID_LEN], AppLevelKeys>>,
 }
 
@@ -72,12 +75,14 @@ impl KmsService {
         verifier: Arc<AttestationVerifier>,
         auth: AuthApi,
         image: Option<Arc<ImageVerifier>>,
+        revocations: Option<Arc<RevocationStore>>,
     ) -> Self {
         Self(Arc::new(KmsState {
             keys,
             verifier,
             auth,
             image,
+            revocations,
             app_cache: Mutex::new(HashMap::new()),
         }))
     }
@@ -111,6 +116,14 @@ impl KmsState {
                 "an RA-TLS client certificate is required and none was presented".into(),
             ));
         };
+        // A certificate the KMS issued (e.g. an RA-TLS app certificate from SignCert) may have been revoked
+        // since; its chain is checked against our own list before its attestation is looked at.
+        if let Some(store) = &self.revocations {
+            let chain: Vec<&[u8]> = ctx.peer_certificates.iter().flatten().map(|c| c.as_ref()).collect();
+            if let Err(e) = store.check_chain(&self.keys.root_ca, &chain, now_secs()) {
+                return Err(refuse(format!("client certificate refused: {e}")));
+            }
+        }
         let identity = match self.verifier.verify_cert(leaf, now_secs()) {
             Ok(Some(id)) => id,
             Ok(None) => return Err(refuse("the client certificate carries no attestation".into())),

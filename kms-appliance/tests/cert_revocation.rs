@@ -205,3 +205,114 @@ async fn revoke_publish_and_refuse() {
     assert_eq!(state.serials.len(), 1);
     assert_eq!(state.apps.len(), 1);
 }
+
+/// An RA-TLS app certificate the KMS issued (`SignCert` with the CSR key's attestation), for `sim`'s app.
+async fn ra_tls_app_cert(
+    kms: &KmsClient<Client>,
+    sim: &dstack_sim_tdx::SimTdx,
+) -> (Vec<CertificateDer<'static>>, rcgen::KeyPair) {
+    use rcgen::{PublicKeyData, SigningKey};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let spki = key.subject_public_key_info();
+    let quote = sim.quote(&dstack_ra_tls::ra_tls_report_data(&spki)).unwrap();
+    let csr = serde_json::json!({
+        "confirm": "please sign cert:",
+        "pubkey": hex::encode(&spki),
+        "config": {"subject": "app.example", "subject_alt_names": [], "usage_client_auth": true,
+                   "ext_quote": true},
+        "attestation": {"quote": hex::encode(quote), "event_log": full_log(sim)},
+    })
+    .to_string();
+    let signature = key.sign(csr.as_bytes()).unwrap();
+    let chain = kms
+        .sign_cert(SignCertRequest {
+            api_version: 1,
+            csr: csr.into_bytes(),
+            signature,
+            vm_config: String::new(),
+        })
+        .await
+        .unwrap()
+        .certificate_chain;
+    (chain[..2].iter().map(|p| der(p)).collect(), key)
+}
+
+/// A KMS client presenting `chain` (leaf, app CA) with `key`.
+fn chain_client(
+    handle: &dstack_kms::KmsHandle,
+    certs: &std::path::Path,
+    ktee: &KmsTee,
+    chain: Vec<CertificateDer<'static>>,
+    key: &rcgen::KeyPair,
+) -> KmsClient<Client> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier(certs, &ktee.sim))
+        .with_client_auth_cert(
+            chain,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}/prpc", handle.addr.port());
+    KmsClient::new(
+        Client::new(&url)
+            .unwrap()
+            .with_tls(Arc::new(cfg))
+            .with_server_name(DOMAIN)
+            .unwrap(),
+    )
+}
+
+/// The KMS honours its own list: a CVM calling with a revoked RA-TLS app certificate the KMS issued is refused
+/// with the serial named; an unrevoked one still gets its keys.
+#[tokio::test]
+async fn kms_refuses_callers_presenting_a_revoked_app_certificate() {
+    let (dir, certs) = tempdir();
+    let ktee = kms_tee(dir.path()).await;
+    let app_sim = cvm(APP, INSTANCE);
+    let cfg = config(&certs, vec![write_pin(dir.path(), "cvm.pem", &app_sim)], true, None);
+    let kms = Kms::with_tee(cfg, Some(ktee.self_tee.clone())).unwrap();
+    kms.bootstrap(DOMAIN).await.unwrap();
+    let handle = start(&kms).await;
+    let (cert, key) = client_cert(&app_sim, |_| {});
+    let self_signed = client(&handle, &certs, &ktee.sim, Some((cert, &key)));
+    let (revoked, revoked_key) = ra_tls_app_cert(&self_signed, &app_sim).await;
+    let (kept, kept_key) = ra_tls_app_cert(&self_signed, &app_sim).await;
+    let get = |c: KmsClient<Client>| async move {
+        c.get_app_key(dstack_rpc::kms::GetAppKeyRequest {
+            api_version: 1,
+            vm_config: String::new(),
+        })
+        .await
+        .map_err(|e| e.to_string())
+    };
+    let before = get(chain_client(&handle, &certs, &ktee, revoked.clone(), &revoked_key))
+        .await
+        .unwrap();
+    assert_eq!(before.disk_crypt_key.len(), 32);
+
+    kms.revocations()
+        .revoke(
+            &dstack_kms::revocation::RevokeRequest {
+                serials: vec![serial_hex(&revoked[0])],
+                reason: "leaked".into(),
+                ..Default::default()
+            },
+            now(),
+        )
+        .unwrap();
+    let e = get(chain_client(&handle, &certs, &ktee, revoked.clone(), &revoked_key))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("revoked") && e.contains(serial_hex(&revoked[0]).trim_start_matches("00")),
+        "{e}"
+    );
+    let after = get(chain_client(&handle, &certs, &ktee, kept, &kept_key))
+        .await
+        .unwrap();
+    assert_eq!(after.disk_crypt_key, before.disk_crypt_key);
+    handle.shutdown().await.unwrap();
+}

@@ -35,6 +35,14 @@ const BENCHES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "TLS passthrough vs nginx and haproxy, loopback (gateway-appliance)",
+        &["run", "--release", "-p", "dstack-gateway", "--example", "bench_proxy"],
+    ),
+    (
+        "WireGuard tunnel: boringtun vs wireguard-go in namespaces (gateway-appliance)",
+        &["run", "--release", "-p", "dstack-gateway", "--example", "bench_wg"],
+    ),
+    (
         "KMS GetAppKey end to end, dev and on-chain policy (kms-appliance)",
         &["run", "--release", "-p", "dstack-kms", "--example", "bench_get_app_key"],
     ),

@@ -3,6 +3,7 @@
 //! `cargo xtask test` installs what the tests need (idempotently), then runs the format check, clippy and every
 //! test, and prints a `N passed, N failed` summary. `cargo xtask demo` runs the whole stack with an example app.
 
+mod appliance;
 mod bench;
 mod cache;
 mod demo;
@@ -23,6 +24,9 @@ commands:
   setup install test dependencies only
   demo  run the whole stack with an example app
   bench run every benchmark (release) and the demo's boot-phase report
+  appliance [--out DIR] [--only kms|gateway] [--set [APP.]NAME=VALUE]... [--check-reproducible]
+        the KMS and gateway as CVM apps: static binaries, reproducible OCI
+        images, compose files and appliances.json (image-build/appliances/)
   fetch-deb <suite> <package>...
         download and unpack Debian packages into the cache through the
         machine's configured apt mirror (override: DSTACK_DEBIAN_MIRROR)
@@ -56,6 +60,7 @@ fn run(args: &[String]) -> Result<i32> {
         }
         "demo" => demo::run(rest),
         "bench" => bench::run(rest),
+        "appliance" => appliance::run(&setup::workspace_root(), rest),
         "fetch-deb" => {
             let Some((suite, packages)) = rest.split_first() else {
                 bail!("fetch-deb needs a suite and at least one package");

@@ -26,12 +26,15 @@
 //! whose identity then comes only from its attestation. [`peer_identity`] returns the identity of the peer of
 //! an established connection.
 //!
-//! # Revocation ([`revocation`])
+//! # Revocation ([`revocation`], [`crl`])
 //! The KMS publishes an X.509 CRL signed by its root CA; [`RevocationList`] verifies one against the pinned
-//! root and both TLS verifiers refuse a listed leaf or intermediate once given a list
-//! (`set_revocation_list`).
+//! root. [`RevocationSet`] holds the last good list per pinned CA and checks presented chains by issuer and
+//! serial; [`CrlRefresher`] keeps it current from the KMS's `Revocation.GetCrl`. Both TLS verifiers consult a
+//! set (`set_revocation_set`, or one list with `set_revocation_list`) and refuse a listed leaf or
+//! intermediate; services that verify attestation in their handlers call [`RevocationSet::check_chain`].
 
 pub mod cert;
+pub mod crl;
 mod deferred;
 pub mod handshake;
 pub mod oids;
@@ -41,6 +44,7 @@ pub mod tls;
 pub mod verify;
 
 pub use cert::{CaCert, CertAttestation, CertRequest, ra_tls_report_data, report_data_for};
+pub use crl::{CrlRefresher, CrlSource, RevocationSet};
 pub use deferred::DeferredAttestationClientVerifier;
 pub use parse::{ParsedCert, parse_cert};
 pub use revocation::{AppRevocation, CrlContent, RevocationList, RevokedSerial, build_crl};

@@ -182,6 +182,10 @@ fn oid(arcs: &[u64]) -> Result<ObjectIdentifier, RaTlsError> {
 #[derive(Debug, Clone)]
 pub struct RevocationList {
     content: CrlContent,
+    /// DER of the CRL's issuer Name (the pinned CA's subject).
+    issuer_name: Vec<u8>,
+    /// The CA certificate the list was verified with.
+    issuer_cert: Vec<u8>,
     /// Serials with leading zeros stripped.
     serials: HashSet<Vec<u8>>,
 }
@@ -290,7 +294,13 @@ impl RevocationList {
             .iter()
             .map(|s| strip_zeros(&s.serial).to_vec())
             .collect();
-        let list = Self { content, serials };
+        let issuer_name = tbs.issuer.to_der().map_err(|e| crl_err(format!("issuer name: {e}")))?;
+        let list = Self {
+            content,
+            issuer_name,
+            issuer_cert: issuer_cert_der.to_vec(),
+            serials,
+        };
         list.check_current(now)?;
         Ok(list)
     }
@@ -306,6 +316,16 @@ impl RevocationList {
 
     pub fn content(&self) -> &CrlContent {
         &self.content
+    }
+
+    /// DER of the issuer Name (equal to the subject of the CA certificate the list was verified with).
+    pub fn issuer_name_der(&self) -> &[u8] {
+        &self.issuer_name
+    }
+
+    /// The CA certificate (DER) the list was verified with.
+    pub fn issuer_cert_der(&self) -> &[u8] {
+        &self.issuer_cert
     }
 
     /// Refuses a list past its nextUpdate (a stale list could miss revocations: fail closed).

@@ -6,8 +6,10 @@
 //! quote binds the key, and the TLS handshake proves possession of it); the server name is not checked.
 //! Attestation: every leaf that carries one is verified ([`AttestationVerifier`]); with `require_attestation`
 //! a leaf without one is refused.
-//! Revocation: with a [`RevocationList`] set (`set_revocation_list`), the leaf and every intermediate the peer
-//! sent are checked against it first, and an expired list refuses every peer (fail closed).
+//! Revocation: the verifiers consult a [`RevocationSet`] (`set_revocation_set`, kept current by a
+//! [`crate::crl::CrlRefresher`]; or one list with `set_revocation_list`) before anything else: a chain under a
+//! CA with an installed list has its leaf and every intermediate the peer sent checked against it, and an
+//! expired list refuses every such peer (fail closed); see [`crate::crl`].
 
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +24,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use crate::crl::RevocationSet;
 use crate::{AttestationVerifier, AttestedIdentity, RaTlsError, RevocationList, parse_cert};
 
 /// Chain and attestation requirements shared by both verifiers.
@@ -57,7 +60,7 @@ struct Core {
     config: RaTlsVerifierConfig,
     attestation: Arc<AttestationVerifier>,
     provider: Arc<CryptoProvider>,
-    revocation: RwLock<Option<Arc<RevocationList>>>,
+    revocation: RwLock<Arc<RevocationSet>>,
 }
 
 impl Core {
@@ -66,12 +69,27 @@ impl Core {
             config,
             attestation,
             provider,
-            revocation: RwLock::new(None),
+            revocation: RwLock::new(RevocationSet::new()),
         }
     }
 
+    fn set_revocation_set(&self, set: Arc<RevocationSet>) {
+        *self.revocation.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
     fn set_revocation(&self, list: Option<Arc<RevocationList>>) {
-        *self.revocation.write().unwrap_or_else(|p| p.into_inner()) = list;
+        let set = RevocationSet::new();
+        if let Some(list) = list {
+            // The list was verified with this CA, so pinning and installing it cannot fail for a parsed
+            // certificate; if it did, keep the verifier fail-closed by requiring a list from that CA.
+            let pinned = set
+                .add_issuer(list.issuer_cert_der(), false)
+                .and_then(|()| set.install(list.clone()));
+            if pinned.is_err() {
+                let _ = set.add_issuer(list.issuer_cert_der(), true);
+            }
+        }
+        self.set_revocation_set(set);
     }
 
     fn check_revocation(
@@ -80,13 +98,9 @@ impl Core {
         intermediates: &[CertificateDer<'_>],
         secs: u64,
     ) -> Result<(), Error> {
-        let list = self.revocation.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(list) = list else { return Ok(()) };
-        list.check_current(secs).map_err(rustls_err)?;
-        for cert in std::iter::once(end_entity).chain(intermediates) {
-            list.check(cert).map_err(rustls_err)?;
-        }
-        Ok(())
+        let set = Arc::clone(&self.revocation.read().unwrap_or_else(|p| p.into_inner()));
+        let chain = std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref()));
+        set.check_chain(chain, secs).map_err(rustls_err)
     }
 
     fn check(
@@ -190,9 +204,15 @@ impl RaTlsServerVerifier {
         &self.core.attestation
     }
 
-    /// Sets (or with `None` clears) the revocation list checked on every handshake from now on.
+    /// Sets (or with `None` clears) the one revocation list checked on every handshake from now on
+    /// (replaces any [`RevocationSet`]).
     pub fn set_revocation_list(&self, list: Option<Arc<RevocationList>>) {
         self.core.set_revocation(list);
+    }
+
+    /// Consults `set` (shared with a [`crate::crl::CrlRefresher`]) on every handshake from now on.
+    pub fn set_revocation_set(&self, set: Arc<RevocationSet>) {
+        self.core.set_revocation_set(set);
     }
 }
 
@@ -272,9 +292,15 @@ impl RaTlsClientVerifier {
         &self.core.attestation
     }
 
-    /// Sets (or with `None` clears) the revocation list checked on every handshake from now on.
+    /// Sets (or with `None` clears) the one revocation list checked on every handshake from now on
+    /// (replaces any [`RevocationSet`]).
     pub fn set_revocation_list(&self, list: Option<Arc<RevocationList>>) {
         self.core.set_revocation(list);
+    }
+
+    /// Consults `set` (shared with a [`crate::crl::CrlRefresher`]) on every handshake from now on.
+    pub fn set_revocation_set(&self, set: Arc<RevocationSet>) {
+        self.core.set_revocation_set(set);
     }
 }
 

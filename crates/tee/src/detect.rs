@@ -3,14 +3,16 @@
 //! Grammar of the selector (config value, or the kernel command line parameter `dstack.tee=`):
 //! `auto` (TDX if present, else fail), `tdx` (TDX or fail), `simulated:vsock:<cid>:<port>` or
 //! `simulated:unix:<path>` (the simulated TDX module; refused on a machine that has TDX, so a host cannot
-//! downgrade a real TD to simulated evidence).
+//! downgrade a real TD to simulated evidence), `agent:<socket path>` (the dstack guest agent, e.g.
+//! `agent:/var/run/dstack.sock` in an app container of a CVM; its kind comes from its quotes, and simulated
+//! evidence from it is refused where TDX is present, for the same reason).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::tdx::{TdxGuest, TdxPaths};
-use crate::{SimulatedTee, TdxTee, Tee, TeeError};
+use crate::{AGENT_CONNECT_WAIT, AgentTee, SimulatedTee, TdxTee, Tee, TeeError, TeeKind};
 
 /// Kernel command line parameter naming the TEE.
 pub const CMDLINE_PARAM: &str = "dstack.tee";
@@ -43,6 +45,8 @@ pub enum TeeRequest {
     Tdx,
     /// The simulated TDX module at this endpoint.
     Simulated(SimEndpoint),
+    /// The dstack guest agent on this unix socket.
+    Agent(PathBuf),
 }
 
 impl TeeRequest {
@@ -54,9 +58,15 @@ impl TeeRequest {
             "tdx" => return Ok(Self::Tdx),
             _ => {}
         }
-        let rest = s
-            .strip_prefix("simulated:")
-            .ok_or_else(|| bad("expected auto, tdx, simulated:vsock:<cid>:<port> or simulated:unix:<path>"))?;
+        if let Some(path) = s.strip_prefix("agent:") {
+            if path.is_empty() {
+                return Err(bad("expected agent:<socket path>"));
+            }
+            return Ok(Self::Agent(path.into()));
+        }
+        let rest = s.strip_prefix("simulated:").ok_or_else(|| {
+            bad("expected auto, tdx, simulated:vsock:<cid>:<port>, simulated:unix:<path> or agent:<socket path>")
+        })?;
         if let Some(addr) = rest.strip_prefix("vsock:") {
             let (cid, port) = addr.split_once(':').ok_or_else(|| bad("expected vsock:<cid>:<port>"))?;
             let cid = cid.parse().map_err(|_| bad("CID is not a number"))?;
@@ -117,6 +127,18 @@ pub fn detect(config: &TeeConfig) -> Result<Arc<dyn Tee>, TeeError> {
             config.tdx_paths.device.display()
         ))),
         (TeeRequest::Simulated(ep), false) => Ok(Arc::new(SimulatedTee::new(ep))),
+        (TeeRequest::Agent(socket), _) => {
+            let tee = AgentTee::connect_blocking(socket, AGENT_CONNECT_WAIT)?;
+            if tdx_present && tee.kind() == TeeKind::Simulated {
+                return Err(TeeError::InvalidArgument(format!(
+                    "the guest agent at {} returns simulated quotes but this machine has TDX ({}); refusing to use \
+                     simulated evidence on a real TD",
+                    socket.display(),
+                    config.tdx_paths.device.display()
+                )));
+            }
+            Ok(Arc::new(tee))
+        }
         (TeeRequest::Auto | TeeRequest::Tdx, false) => Err(TeeError::NoTee(format!(
             "{} and {} are missing and no simulated TEE is configured ({CMDLINE_PARAM}=simulated:vsock:2:<port>)",
             config.tdx_paths.device.display(),
@@ -142,12 +164,18 @@ mod tests {
             TeeRequest::parse("simulated:unix:/run/sim.sock").unwrap(),
             TeeRequest::Simulated(SimEndpoint::Unix("/run/sim.sock".into()))
         );
+        assert_eq!(
+            TeeRequest::parse("agent:/var/run/dstack.sock").unwrap(),
+            TeeRequest::Agent("/var/run/dstack.sock".into())
+        );
         for bad in [
             "sim",
             "simulated",
             "simulated:vsock:2",
             "simulated:vsock:x:1",
             "simulated:unix:",
+            "agent:",
+            "agent",
             "TDX",
         ] {
             assert!(

@@ -3,16 +3,20 @@
 //! * [`Tee`]: one object-safe async interface over the backends — [`TdxTee`] (real TDX through the Linux ABIs
 //!   in [`tdx`]) and [`SimulatedTee`] (a client of the simulated TDX module the host VMM runs, reached over
 //!   vsock or a unix socket; its quotes only verify with `allow_simulated`, and it reports
-//!   [`TeeKind::Simulated`], never TDX).
+//!   [`TeeKind::Simulated`], never TDX), and [`AgentTee`] (a client of the dstack guest agent socket, for apps
+//!   such as the KMS and gateway appliances running inside a CVM; its kind is read from the quotes).
 //! * [`detect`]: explicit selection. TDX when the `tdx_guest` interfaces exist; the simulated module only when
-//!   configured (kernel command line `dstack.tee=simulated:vsock:2:<port>` or a config value); otherwise
-//!   [`TeeError::NoTee`], so every key-dependent operation fails closed.
+//!   configured (kernel command line `dstack.tee=simulated:vsock:2:<port>` or a config value); the guest agent
+//!   only when configured (`agent:/var/run/dstack.sock`); otherwise [`TeeError::NoTee`], so every
+//!   key-dependent operation fails closed.
 //! * [`RuntimeEventLog`]: measures dstack runtime events into RTMR3 and persists them as dstack-compatible
-//!   JSON lines (`/run/log/dstack/runtime_events.log`), replayable against RTMR3.
+//!   JSON lines (`/run/log/dstack/runtime_events.log`), replayable against RTMR3. Backends that keep the log
+//!   themselves ([`Tee::keeps_runtime_log`]: the guest agent) are the record instead of the file.
 //!
 //! Boot event logs are returned as dstack JSON event-log entries ([`TdxEvent`], RTMR0-2, digests only): the
 //! TDX backend parses the CCEL table, the simulated one asks the module.
 
+mod agent;
 mod detect;
 mod runtime_log;
 mod sim;
@@ -22,6 +26,7 @@ mod tdx_tee;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use agent::{AGENT_CONNECT_WAIT, AgentTee};
 pub use detect::{SimEndpoint, TeeConfig, TeeRequest, detect};
 pub use dstack_measurements::eventlog::{EventLogVersion, RuntimeEvent, TdxEvent};
 pub use runtime_log::{RUNTIME_EVENT_LOG_FILE, RuntimeEventLog, parse_runtime_log, runtime_log_line};
@@ -53,6 +58,9 @@ pub enum TeeError {
     /// The persisted runtime event log does not replay to the current RTMR3.
     #[error("runtime event log {path}: {message}")]
     EventLog { path: String, message: String },
+    /// The guest agent refused the request or could not be reached.
+    #[error("guest agent at {socket}: {message}")]
+    Agent { socket: String, message: String },
     /// A blocking TEE call could not be completed (task panicked or was cancelled).
     #[error("TEE task failed: {0}")]
     Task(String),
@@ -105,4 +113,17 @@ pub trait Tee: Send + Sync + std::fmt::Debug {
     fn rtmrs(&self) -> TeeFuture<'_, Rtmrs>;
     /// The boot events (RTMR0-2) as dstack JSON event-log entries.
     fn boot_event_log(&self) -> TeeFuture<'_, Vec<TdxEvent>>;
+    /// True when the backend records the runtime (RTMR3) events itself — the guest agent does, for every
+    /// process of the CVM. Then [`Tee::runtime_events`] is the log and [`RuntimeEventLog`] keeps no file.
+    fn keeps_runtime_log(&self) -> bool {
+        false
+    }
+    /// The runtime events the backend recorded, in extension order (only when [`Tee::keeps_runtime_log`]).
+    fn runtime_events(&self) -> TeeFuture<'_, Vec<RuntimeEvent>> {
+        Box::pin(async {
+            Err(TeeError::Unsupported(
+                "this TEE keeps no runtime event log (the RuntimeEventLog file is the record)".into(),
+            ))
+        })
+    }
 }

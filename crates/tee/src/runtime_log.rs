@@ -5,6 +5,10 @@
 //! RTMR3 — the layout of dstack's `cc-eventlog` `RuntimeEvent::emit`. Every append is fsynced, so a crash
 //! cannot lose an event that RTMR3 already contains unless the disk write itself failed (then `measure`
 //! returns the error and the log no longer replays: callers must treat that as fatal).
+//!
+//! When the TEE keeps the log itself ([`Tee::keeps_runtime_log`], e.g. the guest agent seen from an app
+//! container), that log is the record: events are only extended through the TEE and read back from it, and no
+//! file is written.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -98,11 +102,15 @@ impl RuntimeEventLog {
         }
     }
 
-    /// Extends RTMR3 with the event and appends it to the log (fsynced). Returns the event.
+    /// Extends RTMR3 with the event and appends it to the log (fsynced; nothing is written when the TEE keeps
+    /// the log). Returns the event.
     pub async fn measure(&self, name: &str, payload: &[u8]) -> Result<RuntimeEvent, TeeError> {
         let event = RuntimeEvent::new(name, payload).with_version(self.version);
         let _order = self.order.lock().await;
         self.tee.extend_runtime_event(event.clone()).await?;
+        if self.tee.keeps_runtime_log() {
+            return Ok(event);
+        }
         let line = runtime_log_line(&event);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || append_line(&path, &line))
@@ -112,8 +120,11 @@ impl RuntimeEventLog {
         Ok(event)
     }
 
-    /// The logged events (empty if the file does not exist yet).
+    /// The logged events (empty if the file does not exist yet); the TEE's own log when it keeps one.
     pub async fn load(&self) -> Result<Vec<RuntimeEvent>, TeeError> {
+        if self.tee.keeps_runtime_log() {
+            return self.tee.runtime_events().await;
+        }
         let text = match tokio::fs::read_to_string(&self.path).await {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),

@@ -1,6 +1,7 @@
 //! Stream plumbing: replaying already-read bytes, and a bidirectional copy with bounded buffers
 //! and idle / write / total timeouts.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -92,8 +93,18 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
-async fn write_all_timed<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], t: Duration) -> Result<(), PumpError> {
-    match tokio::time::timeout(t, w.write_all(data)).await {
+/// `write_all` under a timeout; the timer is only armed if the first attempt cannot finish at
+/// once (the common case on a healthy socket costs no timer registration).
+pub(crate) async fn write_all_timed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    t: Duration,
+) -> Result<(), PumpError> {
+    let mut fut = std::pin::pin!(w.write_all(data));
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Ok(r?);
+    }
+    match tokio::time::timeout(t, fut).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(PumpError::Write),
     }
@@ -104,10 +115,56 @@ async fn shutdown_timed<W: AsyncWrite + Unpin>(w: &mut W, t: Duration) {
     let _ = tokio::time::timeout(t, w.shutdown()).await;
 }
 
+/// First buffer of a direction; it doubles (up to `buffer_size`) while reads fill it, so idle
+/// and interactive connections stay small and bulk transfers make few large syscalls.
+const INITIAL_BUFFER: usize = 4096;
+
+/// Milliseconds since the pump started at which data last moved (shared by both directions).
+struct Activity {
+    start: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// One direction: read, write, until EOF (then forward the half-close).
+async fn copy_one_way<R, W>(r: &mut R, w: &mut W, limits: &PumpLimits, activity: &Activity) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = limits.buffer_size.max(512);
+    let mut buf = vec![0u8; INITIAL_BUFFER.min(max)];
+    let mut moved = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            shutdown_timed(w, limits.write).await;
+            return Ok(moved);
+        }
+        activity.touch();
+        write_all_timed(w, buf.get(..n).unwrap_or_default(), limits.write).await?;
+        moved += n as u64;
+        if n == buf.len() && buf.len() < max {
+            buf.resize((buf.len() * 2).min(max), 0);
+        }
+    }
+}
+
 /// Copy both ways until both sides have closed (half-close is forwarded) or a limit trips.
 ///
-/// Memory is bounded by two buffers of `buffer_size`; a side that stops reading stalls the other
-/// direction for at most `write` and then the connection is closed.
+/// The two directions run concurrently (a blocked write in one never delays the other). Memory is
+/// bounded by two buffers of at most `buffer_size`; a side that stops reading stalls its direction
+/// for at most `write` and then the connection is closed. Timers: one for idleness (re-armed
+/// lazily from the last activity, not per read) and one for the total lifetime.
 pub async fn pump<A, B>(a: A, b: B, limits: PumpLimits) -> Result<Transferred, PumpError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -115,39 +172,34 @@ where
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let size = limits.buffer_size.max(512);
-    let (mut abuf, mut bbuf) = (vec![0u8; size], vec![0u8; size]);
-    let (mut a_open, mut b_open) = (true, true);
-    let mut moved = Transferred::default();
-    let end = Instant::now() + limits.total;
-    while a_open || b_open {
-        let idle = tokio::time::sleep(limits.idle);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: std::sync::atomic::AtomicU64::new(0),
+    };
+    let up = copy_one_way(&mut ar, &mut bw, &limits, &activity);
+    let down = copy_one_way(&mut br, &mut aw, &limits, &activity);
+    tokio::pin!(up, down);
+    let idle = tokio::time::sleep(limits.idle);
+    let total = tokio::time::sleep(limits.total);
+    tokio::pin!(idle, total);
+    let (mut a_to_b, mut b_to_a) = (None, None);
+    loop {
         tokio::select! {
-            r = ar.read(&mut abuf), if a_open => match r? {
-                0 => {
-                    a_open = false;
-                    shutdown_timed(&mut bw, limits.write).await;
+            r = &mut up, if a_to_b.is_none() => a_to_b = Some(r?),
+            r = &mut down, if b_to_a.is_none() => b_to_a = Some(r?),
+            () = &mut idle => {
+                let due = activity.last() + limits.idle;
+                if due <= Instant::now() {
+                    return Err(PumpError::Idle);
                 }
-                n => {
-                    write_all_timed(&mut bw, abuf.get(..n).unwrap_or_default(), limits.write).await?;
-                    moved.a_to_b += n as u64;
-                }
-            },
-            r = br.read(&mut bbuf), if b_open => match r? {
-                0 => {
-                    b_open = false;
-                    shutdown_timed(&mut aw, limits.write).await;
-                }
-                n => {
-                    write_all_timed(&mut aw, bbuf.get(..n).unwrap_or_default(), limits.write).await?;
-                    moved.b_to_a += n as u64;
-                }
-            },
-            () = idle => return Err(PumpError::Idle),
-            () = tokio::time::sleep_until(end) => return Err(PumpError::Total),
+                idle.as_mut().reset(due);
+            }
+            () = &mut total => return Err(PumpError::Total),
+        }
+        if let (Some(a_to_b), Some(b_to_a)) = (a_to_b, b_to_a) {
+            return Ok(Transferred { a_to_b, b_to_a });
         }
     }
-    Ok(moved)
 }
 
 #[cfg(test)]

@@ -219,10 +219,11 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, state: &ProxyState)
 }
 
 async fn write_timed(s: &mut TcpStream, data: &[u8], t: std::time::Duration) -> Result<(), ProxyError> {
-    tokio::time::timeout(t, s.write_all(data))
-        .await
-        .map_err(|_| ProxyError::Timeout("backend write"))??;
-    Ok(())
+    io::write_all_timed(s, data, t).await.map_err(|e| match e {
+        PumpError::Write => ProxyError::Timeout("backend write"),
+        PumpError::Io(e) => ProxyError::Io(e),
+        other => ProxyError::Pump(other),
+    })
 }
 
 /// Read an inbound PROXY header; bytes after it stay in `buf`.
@@ -253,14 +254,14 @@ async fn read_client_hello(client: &mut TcpStream, buf: &mut Vec<u8>, limit: usi
             Err(ClientHelloError::Incomplete) => {}
             Err(e) => return Err(e.into()),
         }
-        // Never read past the bound: the parser reports TooLarge once it is reached.
+        // Never read past the bound: the parser reports TooLarge once it is reached. Reading
+        // straight into `buf` (no scratch buffer) keeps a stalled client's footprint small.
         let room = limit.saturating_sub(buf.len()).clamp(1, 4096);
-        let mut chunk = vec![0u8; room];
-        let n = client.read(&mut chunk).await?;
+        buf.reserve(room);
+        let n = client.read_buf(&mut bytes::BufMut::limit(&mut *buf, room)).await?;
         if n == 0 {
             return Err(ProxyError::Eof);
         }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
 }
 
@@ -316,8 +317,16 @@ async fn connect_one(b: Backend, t: std::time::Duration) -> Option<(TcpStream, B
 /// Race the preferred backends; then try fallbacks one by one.
 async fn connect(state: &ProxyState, route: &Route) -> Result<(TcpStream, Backend), ProxyError> {
     let t = state.config.timeouts.connect;
+    // One candidate (the usual case): no race, no extra task.
+    let race: &[Backend] = match route.preferred.as_slice() {
+        [only] => match connect_one(only.clone(), t).await {
+            Some(won) => return Ok(won),
+            None => &[],
+        },
+        all => all,
+    };
     let mut set = JoinSet::new();
-    for b in route.preferred.iter().cloned() {
+    for b in race.iter().cloned() {
         set.spawn(connect_one(b, t));
     }
     while let Some(r) = set.join_next().await {

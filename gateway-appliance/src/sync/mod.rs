@@ -18,6 +18,7 @@
 //!   `sync.gateway_app_id`; the caller verifies the callee's certificate the same way
 //!   ([`SameAppServerVerifier`]) before sending anything (the state holds certificate keys).
 
+pub mod persist;
 pub mod store;
 
 use std::sync::Arc;

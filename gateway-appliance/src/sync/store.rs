@@ -112,8 +112,10 @@ pub struct CertRecord {
 pub struct MergeOutcome {
     /// Instance records (or their liveness) changed.
     pub instances: bool,
-    /// Node records changed.
+    /// Node records changed (liveness included).
     pub nodes: bool,
+    /// A node record is new or its content changed (not only its liveness).
+    pub nodes_changed: bool,
     /// Domains whose certificate changed.
     pub certs: Vec<String>,
     /// Records refused as malformed, with the reason.
@@ -252,7 +254,10 @@ impl Store {
         let mut out = MergeOutcome::default();
         for n in &state.nodes {
             match node_from_wire(n) {
-                Ok(n) => out.nodes |= self.merge_node(n),
+                Ok(n) => {
+                    out.nodes_changed |= self.nodes.get(&n.id).is_none_or(|c| n.updated_ms > c.updated_ms);
+                    out.nodes |= self.merge_node(n);
+                }
                 Err(e) => out.rejected.push(e),
             }
         }

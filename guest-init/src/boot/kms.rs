@@ -11,15 +11,24 @@
 //! 4. `GetAppKey{api_version: 1, vm_config}`.
 //!
 //! The same mTLS client backs [`KmsCertSigner`], the guest agent's `GetTlsKey` signer (KMS `SignCert`).
+//!
+//! Revocation: every verifier built on [`KmsRootChain`] (the KMS's and the gateway's) consults the
+//! [`RevocationSet`] kept per KMS root ([`kms_revocations`]). After keys are released, the KMS's CRL
+//! (`Revocation.GetCrl`) is fetched over the verified connection and then refreshed in the background
+//! ([`CrlRefresher`]); a KMS that publishes none (dstack) leaves chains unchecked, a list that does not
+//! verify is never installed, and once installed an expired list refuses every chain under that root.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_guest_agent::AgentError;
 use dstack_guest_agent::cert::{CertSigner, SignFuture};
-use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CaCert, CertAttestation, CertRequest, parse_cert};
+use dstack_ra_tls::{
+    AttestationPolicy, AttestationVerifier, CaCert, CertAttestation, CertRequest, CrlRefresher, RevocationSet,
+    parse_cert,
+};
 use dstack_rpc::Client;
-use dstack_rpc::kms::{GetAppKeyRequest, KmsClient, SignCertRequest};
+use dstack_rpc::kms::{GetAppKeyRequest, KmsClient, RevocationClient, SignCertRequest};
 use dstack_tee::RuntimeEventLog;
 use dstack_types::{AppKeys, KeyProvider};
 use rcgen::{KeyPair, PublicKeyData};
@@ -46,16 +55,36 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// chain to the pinned KMS root CA. The host name is not checked: endpoints are IP literals (no DNS in the
 /// boot path) and the identity is the root plus what the caller checks in the leaf. rustls's webpki
 /// verifier checks the name last, after the chain, so a name mismatch still means the chain verified.
+/// Then the chain is checked against the root's revocation list ([`kms_revocations`]).
 #[derive(Debug)]
-pub(crate) struct KmsRootChain(Arc<WebPkiServerVerifier>);
+pub(crate) struct KmsRootChain(Arc<WebPkiServerVerifier>, Arc<RevocationSet>);
+
+/// Revocation state per KMS root CA (DER), shared by every verifier and refresher in this process.
+static KMS_REVOCATIONS: std::sync::Mutex<Vec<(Vec<u8>, Arc<RevocationSet>)>> = std::sync::Mutex::new(Vec::new());
+
+/// The revocation set for the KMS root `root` (created, with the root pinned, on first use).
+pub fn kms_revocations(root: &[u8]) -> Result<Arc<RevocationSet>, String> {
+    let mut all = KMS_REVOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, set)) = all.iter().find(|(r, _)| r == root) {
+        return Ok(Arc::clone(set));
+    }
+    let set = RevocationSet::new();
+    set.add_issuer(root, false).map_err(|e| format!("KMS root CA: {e}"))?;
+    all.push((root.to_vec(), Arc::clone(&set)));
+    Ok(set)
+}
+
+/// KMS roots whose list a background refresher already keeps fresh.
+static REFRESHING: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 impl KmsRootChain {
     pub(crate) fn new(root: CertificateDer<'static>, provider: &Arc<CryptoProvider>) -> Result<Self, String> {
+        let revocations = kms_revocations(&root)?;
         let mut roots = RootCertStore::empty();
         roots.add(root).map_err(|e| format!("KMS root CA: {e}"))?;
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
             .build()
-            .map(Self)
+            .map(|v| Self(v, revocations))
             .map_err(|e| format!("KMS root CA: {e}"))
     }
 
@@ -74,9 +103,13 @@ impl KmsRootChain {
             Ok(_)
             | Err(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(()),
-            Err(e) => Err(e),
+            )) => {}
+            Err(e) => return Err(e),
         }
+        let chain = std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref()));
+        self.1
+            .check_chain(chain, now.as_secs())
+            .map_err(|e| other_err(format!("KMS-issued certificate: {e}")))
     }
 }
 
@@ -277,6 +310,57 @@ impl KmsConnector {
         client(&ep.url, verifier, Some((chain, &key)))
     }
 
+    /// Installs the KMS's current CRL for its root (over the verified connection `c`) and keeps it fresh in
+    /// the background. Failures are logged: the chains stay unchecked until a list arrives.
+    async fn load_crl(&self, ep: &KmsEndpoint, c: &KmsClient<Client>) {
+        let set = match kms_revocations(&ep.root_der) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("KMS revocation list: {e}"),
+        };
+        let crl = RevocationClient::new(c.transport().clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match crl.get_crl().await {
+            Ok(r) => match set.update_der_from(&ep.root_der, &r.crl, now) {
+                Ok(list) => tracing::info!(crl_number = list.content().crl_number, "KMS revocation list installed"),
+                Err(e) => tracing::warn!("KMS revocation list refused: {e}"),
+            },
+            Err(e) => return tracing::warn!("KMS {} publishes no revocation list: {e}", ep.url),
+        }
+        {
+            let mut refreshing = REFRESHING.lock().unwrap_or_else(|p| p.into_inner());
+            if refreshing.contains(&ep.root_der.to_vec()) {
+                return;
+            }
+            refreshing.push(ep.root_der.to_vec());
+        }
+        let (url, root) = (ep.url.clone(), ep.root_der.clone());
+        let source = move || {
+            let (url, root) = (url.clone(), root.clone());
+            async move {
+                let verifier = KmsServerVerifier::new(root, None)?;
+                let c = client(&url, verifier, None)?;
+                let r = RevocationClient::new(c.transport().clone())
+                    .get_crl()
+                    .await
+                    .map_err(|e| format!("GetCrl: {e}"))?;
+                Ok(r.crl)
+            }
+        };
+        match CrlRefresher::new(set, &ep.root_der, false, source, dstack_ra_tls::crl::DEFAULT_REFRESH) {
+            Ok(r) => {
+                // The first refresh is the fetch above; the task starts after one interval.
+                let delay = r.interval();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    r.run().await;
+                });
+            }
+            Err(e) => tracing::warn!("KMS revocation list refresher: {e}"),
+        }
+    }
+
     /// Steps 1–4 against one KMS.
     pub async fn get_app_key(&self, url: &str, vm_config: &str, pin: &[u8]) -> Result<KmsKeys, String> {
         let ep = self.discover(url, pin).await?;
@@ -291,6 +375,7 @@ impl KmsConnector {
         if r.ca_cert.trim() != ep.root_pem.trim() {
             return Err("GetAppKey returned a different root CA than GetTempCaCert".into());
         }
+        self.load_crl(&ep, &c).await;
         Ok(KmsKeys {
             keys: AppKeys {
                 disk_crypt_key: r.disk_crypt_key,
@@ -419,6 +504,90 @@ impl CertSigner for KmsCertSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use dstack_ra_tls::revocation::{CrlContent, RevokedSerial, build_crl};
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    /// A gateway-style chain: leaf (serial `serial`) under an app CA under the KMS root.
+    fn app_chain(root: &CaCert, serial: &[u8]) -> Vec<CertificateDer<'static>> {
+        let key = || KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ca_req = CertRequest {
+            subject: "Dstack App CA".into(),
+            ca_level: Some(0),
+            ..Default::default()
+        };
+        let app_ca = CaCert::issued_by(&ca_req, key(), root).unwrap();
+        let leaf_req = CertRequest {
+            subject: "gateway".into(),
+            alt_names: vec!["gateway.test".into()],
+            usage_server_auth: true,
+            app_id: Some(vec![0x9a; 20]),
+            ..Default::default()
+        };
+        let leaf = app_ca.issue_with_serial(&leaf_req, &key(), serial).unwrap();
+        vec![leaf.der().clone(), app_ca.cert_der().clone()]
+    }
+
+    #[test]
+    fn kms_root_chain_honours_the_kms_revocation_list() {
+        let root_req = CertRequest {
+            subject: "Dstack KMS CA".into(),
+            ca_level: Some(1),
+            ..Default::default()
+        };
+        let root = CaCert::self_signed(
+            &root_req,
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        )
+        .unwrap();
+        let chain = KmsRootChain::new(root.cert_der().clone(), &provider()).unwrap();
+        let revoked = app_chain(&root, &[0x5e, 0x71]);
+        let kept = app_chain(&root, &[0x5e, 0x72]);
+        let name = ServerName::try_from("10.0.2.2").unwrap();
+        let verify = |c: &[CertificateDer<'static>]| {
+            chain
+                .verify(&c[0], &c[1..], &name, &[], UnixTime::now())
+                .map_err(|e| e.to_string())
+        };
+        // No list published (yet): chains are accepted.
+        verify(&revoked).unwrap();
+
+        let t = now();
+        let content = CrlContent {
+            crl_number: 2,
+            this_update: t - 10,
+            next_update: t + 3600,
+            serials: vec![RevokedSerial {
+                serial: vec![0x5e, 0x71],
+                revoked_at: t - 10,
+            }],
+            apps: Vec::new(),
+        };
+        let crl = build_crl(&root, &content).unwrap();
+        let set = kms_revocations(root.cert_der()).unwrap();
+        // A tampered list is refused and changes nothing.
+        let mut tampered = crl.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(set.update_der_from(root.cert_der(), &tampered, t).is_err());
+        verify(&revoked).unwrap();
+
+        set.update_der_from(root.cert_der(), &crl, t).unwrap();
+        let e = verify(&revoked).unwrap_err();
+        assert!(e.contains("revoked") && e.contains("5e71"), "{e}");
+        verify(&kept).unwrap();
+        // The gateway verifier shares the same chain check and so the same list.
+        let gw = KmsRootChain::new(root.cert_der().clone(), &provider()).unwrap();
+        assert!(
+            gw.verify(&revoked[0], &revoked[1..], &name, &[], UnixTime::now())
+                .is_err()
+        );
+    }
 
     #[test]
     fn prpc_suffix_added_once() {
