@@ -33,7 +33,7 @@ use dstack_rpc::BoxFuture;
 use dstack_sim_tdx::{SimTdx, fixture};
 use dstack_types::{AppKeys, KeyProvider};
 use guest_init::boot::config::{HostShared, HostSharedSource};
-use guest_init::boot::gateway::{Gateway, GatewayPlan, IFNAME, STATUS_FILE};
+use guest_init::boot::gateway::{Gateway, GatewayPlan, IFNAME, RefreshPolicy, STATUS_FILE};
 use guest_init::boot::measure::{self, Measurer};
 use guest_init::boot::tee::TeeMeasurer;
 use guest_init::boot::{BootEnv, BootReport, DataDisk};
@@ -85,11 +85,12 @@ struct Namespaces {
 }
 
 impl Namespaces {
-    fn create() -> Self {
+    /// `tag` tells apart the namespaces of tests running at the same time.
+    fn create(tag: char) -> Self {
         let id = std::process::id();
         let ns = Self {
-            gw: format!("dgi{id}g"),
-            cvm: format!("dgi{id}c"),
+            gw: format!("dgi{id}{tag}g"),
+            cvm: format!("dgi{id}{tag}c"),
         };
         for n in [&ns.gw, &ns.cvm] {
             ip(&["netns", "add", n]);
@@ -287,12 +288,124 @@ fn boot_report(dir: &std::path::Path, kms_root_pem: &str) -> (BootEnv, BootRepor
     (env, BootReport { identity, keys, shared })
 }
 
+/// What a gateway instance is started with; a restart is a new instance with the same (or a changed) spec.
+struct GatewaySpec {
+    key: [u8; 32],
+    sim_pin: dstack_measurements::sim::SimRootPin,
+    /// RPC ports on [`GW_IP`] and the certificate each serves.
+    rpc: Vec<(u16, ServerIdentity)>,
+    proxy_chain: Vec<CertificateDer<'static>>,
+    proxy_key: PrivateKeyDer<'static>,
+    /// More `[core.wg]` settings.
+    extra_wg: String,
+}
+
+/// A gateway running in namespace `ns` on its own thread and runtime: WireGuard (`wg-gw`, 10.0.0.1/24, UDP
+/// 51820), `RegisterCvm` over RA-TLS, the SNI proxy for [`BASE`] on 8443. Its state lives in memory only, so
+/// [`RunningGateway::stop`] followed by [`spawn_gateway`] is a gateway restart that lost its peer table.
+struct RunningGateway {
+    table: RoutingTable,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<std::collections::HashMap<String, std::time::SystemTime>>,
+}
+
+impl RunningGateway {
+    /// Stops everything (sockets and interface closed) and returns the handshakes the device saw.
+    fn stop(self) -> std::collections::HashMap<String, std::time::SystemTime> {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap()
+    }
+}
+
+fn spawn_gateway(ns: &str, spec: GatewaySpec) -> RunningGateway {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<RoutingTable>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handshakes = rt.block_on(async move {
+            let toml = format!(
+                "[core]\nrpc_domain = \"{RPC_NAME}\"\n[core.wg]\nip = \"10.0.0.1/24\"\nendpoint = \
+                 \"{GW_IP}:51820\"\npublic_key = \"{}\"\n{}\n[core.proxy]\nbase_domain = \"{BASE}\"\n",
+                public_key_b64(&spec.key),
+                spec.extra_wg
+            );
+            let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
+            let dev = Arc::new(
+                WgDevice::start(DeviceConfig {
+                    ifname: "wg-gw".into(),
+                    private_key: spec.key,
+                    listen: "0.0.0.0:51820".parse().unwrap(),
+                    address: Cidr::v4(Ipv4Addr::new(10, 0, 0, 1), 24),
+                    mtu: 1420,
+                    routes: Vec::new(),
+                })
+                .await
+                .unwrap(),
+            );
+            let verifier = Arc::new(AttestationVerifier::new(AttestationPolicy {
+                allow_simulated: true,
+                simulated_roots: vec![spec.sim_pin],
+                ..Default::default()
+            }));
+            let table = RoutingTable::new();
+            let registrar = Arc::new(Registrar::new(
+                cfg,
+                table.clone(),
+                Box::new(RaTlsIdentity::new(verifier)),
+                dev.clone(),
+                AdmissionPolicy::default(),
+            ));
+            let router = Arc::new(rpc_router(registrar));
+            for (port, id) in spec.rpc {
+                let listener = tokio::net::TcpListener::bind((GW_IP, port)).await.unwrap();
+                let tls = server_config(id, Vec::new()).unwrap();
+                tokio::spawn(dstack_rpc::serve_tls(
+                    listener,
+                    tls,
+                    router.clone(),
+                    std::future::pending(),
+                ));
+            }
+            let terminator = TlsTerminator::new(vec![&rustls::version::TLS12, &rustls::version::TLS13]);
+            terminator.set_certificate(spec.proxy_chain, spec.proxy_key).unwrap();
+            let proxy = Arc::new(ProxyState {
+                config: ProxyConfig {
+                    base_domain: BASE.into(),
+                    ..ProxyConfig::default()
+                },
+                table: table.clone(),
+                resolver: Arc::new(NoTxt),
+                tls: Arc::new(terminator),
+                stats: Stats::default(),
+            });
+            let listener = tokio::net::TcpListener::bind((GW_IP, 8443)).await.unwrap();
+            tokio::spawn(dstack_gateway::proxy::run(listener, proxy, std::future::pending()));
+            ready_tx.send(table).unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(300), stop_rx).await;
+            dev.latest_handshakes()
+        });
+        // Dropping the runtime drops every task, and with them the sockets and the tun device.
+        drop(rt);
+        handshakes
+    });
+    let table = ready_rx.recv_timeout(STEP).unwrap();
+    RunningGateway {
+        table,
+        stop: stop_tx,
+        thread,
+    }
+}
+
 #[test]
 fn boot_registers_with_the_gateway_and_the_proxy_reaches_the_app_through_the_tunnel() {
     if prerequisites_missing() {
         return;
     }
-    let ns = Namespaces::create();
+    let ns = Namespaces::create('r');
     let sim: Arc<SimTdx> = Arc::new(fixture::booted(0x31, 0x60).unwrap());
     let pin = sim.root_pin();
     let kms_root = CaCert::self_signed(
@@ -310,77 +423,18 @@ fn boot_registers_with_the_gateway_and_the_proxy_reaches_the_app_through_the_tun
 
     // Gateway namespace.
     let gw_key = generate_private_key().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<RoutingTable>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let gw = in_netns(&ns.gw, move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let toml = format!(
-                "[core]\nrpc_domain = \"{RPC_NAME}\"\n[core.wg]\nip = \"10.0.0.1/24\"\nendpoint = \
-                 \"{GW_IP}:51820\"\npublic_key = \"{}\"\n[core.proxy]\nbase_domain = \"{BASE}\"\n",
-                public_key_b64(&gw_key)
-            );
-            let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
-            let dev = Arc::new(
-                WgDevice::start(DeviceConfig {
-                    ifname: "wg-gw".into(),
-                    private_key: gw_key,
-                    listen: "0.0.0.0:51820".parse().unwrap(),
-                    address: Cidr::v4(Ipv4Addr::new(10, 0, 0, 1), 24),
-                    mtu: 1420,
-                    routes: Vec::new(),
-                })
-                .await
-                .unwrap(),
-            );
-            let verifier = Arc::new(AttestationVerifier::new(AttestationPolicy {
-                allow_simulated: true,
-                simulated_roots: vec![pin],
-                ..Default::default()
-            }));
-            let table = RoutingTable::new();
-            let registrar = Arc::new(Registrar::new(
-                cfg,
-                table.clone(),
-                Box::new(RaTlsIdentity::new(verifier)),
-                dev.clone(),
-                AdmissionPolicy::default(),
-            ));
-            let router = Arc::new(rpc_router(registrar));
-            for (port, id) in [(8000, good_rpc), (8001, impostor_rpc)] {
-                let listener = tokio::net::TcpListener::bind((GW_IP, port)).await.unwrap();
-                let tls = server_config(id, Vec::new()).unwrap();
-                tokio::spawn(dstack_rpc::serve_tls(
-                    listener,
-                    tls,
-                    router.clone(),
-                    std::future::pending(),
-                ));
-            }
-            let terminator = TlsTerminator::new(vec![&rustls::version::TLS12, &rustls::version::TLS13]);
-            terminator.set_certificate(proxy_chain, proxy_key).unwrap();
-            let proxy = Arc::new(ProxyState {
-                config: ProxyConfig {
-                    base_domain: BASE.into(),
-                    ..ProxyConfig::default()
-                },
-                table: table.clone(),
-                resolver: Arc::new(NoTxt),
-                tls: Arc::new(terminator),
-                stats: Stats::default(),
-            });
-            let listener = tokio::net::TcpListener::bind((GW_IP, 8443)).await.unwrap();
-            tokio::spawn(dstack_gateway::proxy::run(listener, proxy, std::future::pending()));
-            ready_tx.send(table).unwrap();
-            let _ = tokio::time::timeout(Duration::from_secs(120), stop_rx).await;
-            dev.latest_handshakes()
-        })
-    });
-    let table = ready_rx.recv_timeout(STEP).unwrap();
+    let gw = spawn_gateway(
+        &ns.gw,
+        GatewaySpec {
+            key: gw_key,
+            sim_pin: pin,
+            rpc: vec![(8000, good_rpc), (8001, impostor_rpc)],
+            proxy_chain,
+            proxy_key,
+            extra_wg: String::new(),
+        },
+    );
+    let table = gw.table.clone();
 
     // CVM namespace: the boot's gateway step, then the app.
     let dir = tempfile::tempdir().unwrap();
@@ -478,15 +532,195 @@ fn boot_registers_with_the_gateway_and_the_proxy_reaches_the_app_through_the_tun
     .unwrap();
     assert!(body.ends_with(&format!("hello from {instance_id}")), "{body}");
 
-    let _ = stop_tx.send(());
     let _ = cvm_stop_tx.send(());
     let ages = cvm.join().unwrap();
-    let handshakes = gw.join().unwrap();
+    let handshakes = gw.stop();
     assert!(
         handshakes.contains_key(&reg.public_key),
         "gateway saw a handshake from the CVM"
     );
     assert_eq!(ages.len(), 1);
     assert!(ages[0].1.is_some(), "CVM saw a handshake with the gateway");
+    drop(ns);
+}
+
+/// Polls `f` every 100 ms until it yields, for at most `limit`; returns the value and the time it took.
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if let Some(v) = f() {
+            return Some((v, t.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The refresher against real gateway restarts (fresh processes in all but name: new runtime, sockets, tun
+/// device and an empty peer table): same key and config, a rotated key, and an address change. The CVM must
+/// notice each one through its probe (the periodic refresh is set to a minute, longer than the bound) and
+/// register again; the app must answer through the proxy afterwards.
+#[test]
+fn cvm_registers_again_after_gateway_restarts_key_rotation_and_address_change() {
+    if prerequisites_missing() {
+        return;
+    }
+    let ns = Namespaces::create('s');
+    let sim: Arc<SimTdx> = Arc::new(fixture::booted(0x32, 0x61).unwrap());
+    let pin = sim.root_pin();
+    let kms_root = CaCert::self_signed(
+        &CertRequest {
+            subject: "test KMS root CA".into(),
+            ..Default::default()
+        },
+        p256(),
+    )
+    .unwrap();
+    let kms_root_pem = kms_root.cert_pem().to_owned();
+    let start = |key: [u8; 32], extra_wg: &str| {
+        let (proxy_chain, proxy_key, proxy_ca) = proxy_cert();
+        let gw = spawn_gateway(
+            &ns.gw,
+            GatewaySpec {
+                key,
+                sim_pin: pin.clone(),
+                rpc: vec![(8000, rpc_identity(&kms_root, GW_APP))],
+                proxy_chain,
+                proxy_key,
+                extra_wg: extra_wg.to_owned(),
+            },
+        );
+        (gw, proxy_ca)
+    };
+    let key1 = generate_private_key().unwrap();
+    let (gw, ca) = start(key1, "");
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let (cvm_tx, cvm_rx) = std::sync::mpsc::channel();
+    let (cvm_stop_tx, cvm_stop_rx) = std::sync::mpsc::channel::<()>();
+    let cvm = in_netns(&ns.cvm, move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let measurer = Arc::new(TeeMeasurer::new(
+            Arc::new(InProcessSimTee(sim)),
+            root.join("runtime_events.log"),
+            rt.handle().clone(),
+        ));
+        let (env, report) = boot_report(&root, &kms_root_pem);
+        for e in measure::app_events(&report.identity, &report.shared.compose) {
+            measurer.measure(report.shared.compose.event_log_version(), &e).unwrap();
+        }
+        let policy = RefreshPolicy {
+            interval: Duration::from_secs(60),
+            check_every: Duration::from_millis(200),
+            probe_after: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(2),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(2),
+        };
+        let gateway = Arc::new(Gateway::new(measurer, rt.handle().clone()).with_refresh(Some(policy)));
+        gateway.setup(&env, &report).unwrap().expect("registered");
+        let instance = hex::encode(report.identity.instance_id_bytes());
+        let _app = http_app("0.0.0.0:8080".parse().unwrap(), instance.clone());
+        cvm_tx
+            .send((Arc::clone(&gateway), report.identity.app_id.to_hex(), instance))
+            .unwrap();
+        let _ = cvm_stop_rx.recv_timeout(Duration::from_secs(300));
+        gateway.stop();
+        drop(rt);
+    });
+    let (gateway, app_id, instance_id) = cvm_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let first = gateway.registration().unwrap();
+    let host = format!("{app_id}-8080.{BASE}");
+    let fetch = |ca: &CertificateDer<'static>| {
+        let (host, ca) = (host.clone(), ca.clone());
+        in_netns(&ns.gw, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(https_get(format!("{GW_IP}:8443").parse().unwrap(), &host, &ca))
+        })
+        .join()
+        .unwrap()
+    };
+    let body = fetch(&ca).unwrap();
+    assert!(body.ends_with(&format!("hello from {instance_id}")), "{body}");
+
+    // A healthy tunnel: the CVM's probes (every 2 s of silence) are answered, so it does not register again.
+    let registered_at = gw.table.get(&instance_id).unwrap().reg_time;
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        gw.table.get(&instance_id).map(|i| i.reg_time),
+        Some(registered_at),
+        "no re-registration while the gateway answers handshakes (handshake ages {:?})",
+        gateway.handshake_ages()
+    );
+    let ages = gateway.handshake_ages();
+    assert!(
+        ages.iter().all(|(_, a)| a.is_some_and(|a| a < Duration::from_secs(5))),
+        "probes keep the handshakes fresh: {ages:?}"
+    );
+
+    // Each step: stop the gateway, start another, wait for the CVM's registration to reach it.
+    let steps: [(&str, [u8; 32], &str, Ipv4Addr); 3] = [
+        ("restart, same key and config", key1, "", first.client_ip),
+        (
+            "restart with a rotated key",
+            generate_private_key().unwrap(),
+            "",
+            first.client_ip,
+        ),
+        (
+            "restart handing out another address",
+            generate_private_key().unwrap(),
+            "reserved_net = [\"10.0.0.1/32\", \"10.0.0.2/32\"]",
+            Ipv4Addr::new(10, 0, 0, 3),
+        ),
+    ];
+    let mut gw = gw;
+    for (what, key, extra, want_ip) in steps {
+        gw.stop();
+        let t = std::time::Instant::now();
+        let (next, ca) = start(key, extra);
+        gw = next;
+        let found = wait_for(Duration::from_secs(20), || gw.table.get(&instance_id));
+        let (inst, took) = found.unwrap_or_else(|| {
+            panic!(
+                "{what}: the CVM did not register again within 20 s (its registration: {:?}, handshake ages {:?})",
+                gateway.registration(),
+                gateway.handshake_ages()
+            )
+        });
+        assert_eq!(inst.public_key, first.public_key, "{what}: the same WireGuard key");
+        assert_eq!(inst.ip.to_string(), want_ip.to_string(), "{what}");
+        // The CVM applied the answer: its address and the gateway's (possibly new) key.
+        let applied = wait_for(Duration::from_secs(5), || {
+            gateway.registration().filter(|r| {
+                r.client_ip == want_ip
+                    && r.servers.first().map(|s| s.public_key.as_str()) == Some(&public_key_b64(&key))
+            })
+        });
+        assert!(applied.is_some(), "{what}: CVM side {:?}", gateway.registration());
+        let body = fetch(&ca).unwrap_or_else(|e| panic!("{what}: no answer through the proxy: {e}"));
+        assert!(body.ends_with(&format!("hello from {instance_id}")), "{what}: {body}");
+        eprintln!(
+            "{what}: registered again {took:?} after the new gateway started, app answering after {:?}",
+            t.elapsed()
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(STATUS_FILE)).unwrap()).unwrap();
+    assert_eq!(status["client_ip"], "10.0.0.3", "the status file follows the refreshes");
+    assert_eq!(gw.table.instances().len(), 1);
+
+    let _ = cvm_stop_tx.send(());
+    cvm.join().unwrap();
+    let handshakes = gw.stop();
+    assert!(handshakes.contains_key(&first.public_key));
     drop(ns);
 }

@@ -15,11 +15,16 @@
 //! Networking (QEMU user networking): the guest reaches the host at 10.0.2.2, so `RegisterCvm` listens on
 //! 127.0.0.1:<rpc> (slirp maps 10.0.2.2 to the host's loopback) and WireGuard on UDP 0.0.0.0:<wg>; CVMs get
 //! addresses from [`CLIENT_NET`]; the proxy listens on 127.0.0.1:<proxy>.
+//!
+//! [`Gateway::restart`] kills the services (WireGuard device, `RegisterCvm`, proxy; the peer table lives in
+//! memory only) and starts fresh ones from the same configuration (`gateway/gateway.toml`), certificates and
+//! keys on the same ports: a gateway restart as the CVMs see it. pebble keeps running across it.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use dstack_gateway::acme::{AcmeClient, AcmeSettings, Certbot, ChallTestSrv, RenewOutcome};
 use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, build_verifier, rpc_router, server_config};
@@ -27,7 +32,7 @@ use dstack_gateway::config::{Cidr, GatewayConfig};
 use dstack_gateway::dns::{DnsError, TxtResolver};
 use dstack_gateway::proxy::tls::TlsTerminator;
 use dstack_gateway::proxy::{ProxyState, Stats};
-use dstack_gateway::registration::{AdmissionPolicy, Registrar};
+use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgBackend, WgError, WgPeer};
 use dstack_gateway::routing::RoutingTable;
 use dstack_gateway::wg::{DeviceConfig, WgDevice, generate_private_key, public_key_b64};
 use dstack_ra_tls::{CertAttestation, CertRequest, ra_tls_report_data};
@@ -210,6 +215,48 @@ impl TxtResolver for NoTxt {
     }
 }
 
+/// The gateway's WireGuard device as the registrar sees it: [`Gateway::restart`] takes the device out, so
+/// the device really goes (socket and tun closed) even while an old RPC connection still holds the registrar.
+struct DeviceSlot(Mutex<Option<Arc<WgDevice>>>);
+
+impl DeviceSlot {
+    fn device(&self) -> Option<Arc<WgDevice>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl WgBackend for DeviceSlot {
+    fn set_peers(&self, peers: &[WgPeer]) -> Result<(), WgError> {
+        match self.device() {
+            Some(d) => d.set_peers(peers),
+            None => Err(WgError("the gateway is stopped".into())),
+        }
+    }
+
+    fn latest_handshakes(&self) -> HashMap<String, SystemTime> {
+        self.device().map(|d| d.latest_handshakes()).unwrap_or_default()
+    }
+}
+
+/// What a (re)start of the gateway's services is made from: its configuration and state on disk (the
+/// wildcard certificate), its WireGuard key and its KMS-issued RPC certificate.
+struct Launch {
+    config: Arc<GatewayConfig>,
+    wg_key: [u8; 32],
+    ifname: String,
+    rpc_chain: Vec<CertificateDer<'static>>,
+    rpc_key: PrivateKeyDer<'static>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+/// The services of one gateway run: WireGuard, `RegisterCvm`, the proxy. Peer table in memory only.
+struct Services {
+    table: RoutingTable,
+    tasks: Vec<JoinHandle<()>>,
+    wg: Arc<DeviceSlot>,
+}
+
 /// The running gateway. Dropping it stops its tasks and the tun device, then pebble.
 pub struct Gateway {
     pub ports: GatewayPorts,
@@ -217,9 +264,11 @@ pub struct Gateway {
     /// pebble's issuing root (PEM): what clients trust for `*.BASE_DOMAIN`.
     pub acme_root_pem: String,
     pub acme_root_path: PathBuf,
+    /// The routing table of the current run (a restart starts an empty one).
     pub table: RoutingTable,
     tasks: Vec<JoinHandle<()>>,
-    _wg: Arc<WgDevice>,
+    wg: Arc<DeviceSlot>,
+    launch: Launch,
     _pebble: Pebble,
 }
 
@@ -304,68 +353,60 @@ impl Gateway {
             key = key_path.display(),
             root = vmm_sim_root.display(),
         );
+        std::fs::write(work.join("gateway.toml"), &toml).map_err(|e| failed("gateway configuration", e))?;
         let config = Arc::new(GatewayConfig::from_toml(&toml).map_err(|e| failed("gateway configuration", e))?);
-        let wg = Arc::new(
-            WgDevice::start(DeviceConfig {
-                ifname: ifname.clone(),
-                private_key: wg_key,
-                listen: SocketAddr::from(([0, 0, 0, 0], ports.wg)),
-                address: Cidr::v4(GATEWAY_IP, 24),
-                mtu: 1420,
-                routes: Vec::new(),
-            })
-            .await
-            .map_err(|e| failed(&format!("WireGuard device {ifname} (needs root and /dev/net/tun)"), e))?,
-        );
-        let verifier = build_verifier(&config.core.attestation).map_err(|e| failed("gateway attestation", e))?;
-        let table = RoutingTable::new();
-        let registrar = Arc::new(Registrar::new(
-            config.clone(),
-            table.clone(),
-            Box::new(RaTlsIdentity::new(verifier)),
-            wg.clone(),
-            AdmissionPolicy::default(),
-        ));
-        let tls = server_config(rpc_id, Vec::new()).map_err(|e| failed("gateway RPC TLS", e))?;
-        let rpc = tokio::net::TcpListener::bind(("127.0.0.1", ports.rpc))
-            .await
-            .map_err(|e| failed("binding the gateway RPC port", e))?;
-        let mut tasks = Vec::new();
-        let router = Arc::new(rpc_router(registrar));
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = dstack_rpc::serve_tls(rpc, tls, router, std::future::pending()).await {
-                tracing::warn!("gateway RPC stopped: {e}");
-            }
-        }));
-        let terminator = TlsTerminator::new(vec![&rustls::version::TLS12, &rustls::version::TLS13]);
-        terminator
-            .load_files(&cert_path, &key_path)
-            .map_err(|e| failed("loading the wildcard certificate", e))?;
-        let proxy = Arc::new(ProxyState {
-            config: config.core.proxy.clone(),
-            table: table.clone(),
-            resolver: Arc::new(NoTxt),
-            tls: Arc::new(terminator),
-            stats: Stats::default(),
-        });
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", ports.proxy))
-            .await
-            .map_err(|e| failed("binding the gateway proxy port", e))?;
-        tasks.push(tokio::spawn(dstack_gateway::proxy::run(
-            listener,
-            proxy,
-            std::future::pending(),
-        )));
+        let launch = Launch {
+            config,
+            wg_key,
+            ifname,
+            rpc_chain: rpc_id.chain,
+            rpc_key: rpc_id.key,
+            cert_path,
+            key_path,
+        };
+        let services = launch.start(ports).await?;
         Ok(Self {
             ports,
             app_id: identity.app_id,
             acme_root_pem: String::from_utf8_lossy(&acme_root_pem).into_owned(),
             acme_root_path,
-            table,
-            tasks,
-            _wg: wg,
+            table: services.table,
+            tasks: services.tasks,
+            wg: services.wg,
+            launch,
             _pebble: pebble,
         })
+    }
+
+    /// Kills the gateway's services (tasks aborted, WireGuard device, sockets and the in-memory peer table
+    /// gone, as a crashed process) and starts fresh ones from the same configuration, state and keys, on the
+    /// same ports. Registered CVMs are unknown to the new run until they register again. Returns how long
+    /// the restart took.
+    pub async fn restart(&mut self) -> Result<Duration, StackError> {
+        let t = Instant::now();
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        let old = self.wg.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+        // The device's tasks (holding the tun descriptor and the UDP socket) end once the runtime drops them.
+        let sys = PathBuf::from("/sys/class/net").join(&self.launch.ifname);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sys.exists() {
+            if Instant::now() >= deadline {
+                return Err(failed(
+                    "gateway restart",
+                    format!("{} still present 10 s after stopping", self.launch.ifname),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let services = self.launch.start(self.ports).await?;
+        self.table = services.table;
+        self.tasks = services.tasks;
+        self.wg = services.wg;
+        Ok(t.elapsed())
     }
 
     /// The app's name behind the gateway.
@@ -405,6 +446,69 @@ impl Gateway {
             .into_iter()
             .map(|i| (i.app_id.clone(), i.ip.to_string(), i.reg_time))
             .collect()
+    }
+}
+
+impl Launch {
+    /// The WireGuard device, `RegisterCvm` and the proxy, with an empty peer table.
+    async fn start(&self, ports: GatewayPorts) -> Result<Services, StackError> {
+        let ifname = &self.ifname;
+        let device = WgDevice::start(DeviceConfig {
+            ifname: ifname.clone(),
+            private_key: self.wg_key,
+            listen: SocketAddr::from(([0, 0, 0, 0], ports.wg)),
+            address: Cidr::v4(GATEWAY_IP, 24),
+            mtu: 1420,
+            routes: Vec::new(),
+        })
+        .await
+        .map_err(|e| failed(&format!("WireGuard device {ifname} (needs root and /dev/net/tun)"), e))?;
+        let wg = Arc::new(DeviceSlot(Mutex::new(Some(Arc::new(device)))));
+        let config = &self.config;
+        let verifier = build_verifier(&config.core.attestation).map_err(|e| failed("gateway attestation", e))?;
+        let table = RoutingTable::new();
+        let registrar = Arc::new(Registrar::new(
+            config.clone(),
+            table.clone(),
+            Box::new(RaTlsIdentity::new(verifier)),
+            wg.clone(),
+            AdmissionPolicy::default(),
+        ));
+        let rpc_id = ServerIdentity {
+            chain: self.rpc_chain.clone(),
+            key: self.rpc_key.clone_key(),
+        };
+        let tls = server_config(rpc_id, Vec::new()).map_err(|e| failed("gateway RPC TLS", e))?;
+        let rpc = tokio::net::TcpListener::bind(("127.0.0.1", ports.rpc))
+            .await
+            .map_err(|e| failed("binding the gateway RPC port", e))?;
+        let mut tasks = Vec::new();
+        let router = Arc::new(rpc_router(registrar));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dstack_rpc::serve_tls(rpc, tls, router, std::future::pending()).await {
+                tracing::warn!("gateway RPC stopped: {e}");
+            }
+        }));
+        let terminator = TlsTerminator::new(vec![&rustls::version::TLS12, &rustls::version::TLS13]);
+        terminator
+            .load_files(&self.cert_path, &self.key_path)
+            .map_err(|e| failed("loading the wildcard certificate", e))?;
+        let proxy = Arc::new(ProxyState {
+            config: config.core.proxy.clone(),
+            table: table.clone(),
+            resolver: Arc::new(NoTxt),
+            tls: Arc::new(terminator),
+            stats: Stats::default(),
+        });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", ports.proxy))
+            .await
+            .map_err(|e| failed("binding the gateway proxy port", e))?;
+        tasks.push(tokio::spawn(dstack_gateway::proxy::run(
+            listener,
+            proxy,
+            std::future::pending(),
+        )));
+        Ok(Services { table, tasks, wg })
     }
 }
 

@@ -77,6 +77,16 @@ fn event_payload(events: &[TdxEvent], name: &str) -> String {
         .unwrap_or_else(|| format!("(no {name} event)"))
 }
 
+/// The report data the demo app's `/quote/<nonce>` asks for: `SHA-512("dstack-demo-quote:" || nonce)`
+/// (never the caller's bytes, so nobody can obtain a quote binding a key of their choice).
+pub fn demo_quote_report_data(nonce: &[u8]) -> [u8; 64] {
+    use sha2::Digest;
+    let mut h = sha2::Sha512::new();
+    h.update(b"dstack-demo-quote:");
+    h.update(nonce);
+    h.finalize().into()
+}
+
 /// Verifies the CVM whose app answers on `app_port`. `app_compose` is what was deployed; the simulated
 /// module's quotes are accepted only under the pinned root `sim_root` (a real deployment passes Intel
 /// collateral instead and never accepts simulated quotes).
@@ -115,9 +125,9 @@ pub fn verify_cvm(
     let report = &verified.quote.report;
 
     let mut checks = vec![check(
-        "report_data = our nonce",
-        hex::encode(nonce),
-        hex::encode(&report.report_data[..32]),
+        "report_data = SHA-512(\"dstack-demo-quote:\" || our nonce)",
+        hex::encode(demo_quote_report_data(&nonce)),
+        hex::encode(report.report_data),
     )];
     let published = std::fs::read(measurements_json).map_err(|e| format!("{}: {e}", measurements_json.display()))?;
     let published = MeasurementsJson::parse(&published).map_err(|e| e.to_string())?;

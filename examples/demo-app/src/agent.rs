@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha512};
 
 use crate::http;
 
@@ -76,21 +77,42 @@ pub fn info(socket: &Path) -> InfoReply {
     }
 }
 
-/// Asks the agent for a quote over `report_data_hex` (≤ 64 bytes as lowercase hex, e.g. a verifier's
-/// nonce) and returns its whole answer: quote, event log and vm_config, for verification from outside.
-pub fn quote(socket: &Path, report_data_hex: &str) -> InfoReply {
-    let valid = report_data_hex.len() <= 128
-        && report_data_hex.len().is_multiple_of(2)
-        && report_data_hex
+/// Domain separation for quotes handed to anyone who asks: the report data is never the caller's bytes.
+pub const QUOTE_NONCE_PREFIX: &[u8] = b"dstack-demo-quote:";
+
+/// The report data of a `/quote/<nonce>` answer: `SHA-512(QUOTE_NONCE_PREFIX || nonce)`.
+///
+/// Quoting caller-chosen report data would let anyone who reaches the app obtain a quote over
+/// `sha512("ratls-cert:" || their key)`, i.e. a valid RA-TLS certificate for the app's identity, and with it
+/// the app's keys from the KMS. Hashing under a prefix keeps the nonce's freshness and removes that.
+pub fn quote_report_data(nonce: &[u8]) -> [u8; 64] {
+    let mut h = Sha512::new();
+    h.update(QUOTE_NONCE_PREFIX);
+    h.update(nonce);
+    h.finalize().into()
+}
+
+/// Asks the agent for a quote over [`quote_report_data`] of `nonce_hex` (≤ 64 bytes as lowercase hex, a
+/// verifier's nonce) and returns its whole answer: quote, event log and vm_config, for verification from
+/// outside.
+pub fn quote(socket: &Path, nonce_hex: &str) -> InfoReply {
+    let valid = nonce_hex.len() <= 128
+        && nonce_hex.len().is_multiple_of(2)
+        && nonce_hex
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !valid {
         return error_reply(
             400,
             socket,
-            "report data must be at most 64 bytes of lowercase hex".into(),
+            "the nonce must be at most 64 bytes of lowercase hex".into(),
         );
     }
+    let nonce: Vec<u8> = (0..nonce_hex.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&nonce_hex[i..i + 2], 16).ok())
+        .collect();
+    let report_data_hex: String = quote_report_data(&nonce).iter().map(|b| format!("{b:02x}")).collect();
     let body = serde_json::json!({ "report_data": report_data_hex }).to_string();
     match agent_json(socket, "GetQuote", body.as_bytes()) {
         Ok(all) => InfoReply {
@@ -134,5 +156,32 @@ fn agent_json(socket: &Path, method: &str, body: &[u8]) -> Result<Map<String, Va
             socket,
             format!("guest agent {method} is not a JSON object"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_report_data_is_prefixed_sha512() {
+        // Python: hashlib.sha512(b"dstack-demo-quote:" + bytes.fromhex("00ff")).hexdigest()
+        let expected = "7c70f344b868d8da13d1d94c681e7e8417f8733ba02d9e9711445266eab8cdaf\
+                        aa99452ff4b92ca3036e60d3af98ccde55d644ca6ffe63ca8571c937cfeb4a85";
+        let got: String = quote_report_data(&[0x00, 0xff])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn bad_nonce_is_refused_before_the_agent_is_asked() {
+        let reply = quote(Path::new("/nonexistent/dstack.sock"), "XYZ");
+        assert_eq!(reply.status, 400);
+        let reply = quote(Path::new("/nonexistent/dstack.sock"), &"00".repeat(65));
+        assert_eq!(reply.status, 400);
+        // A valid nonce reaches the (absent) agent.
+        assert_eq!(quote(Path::new("/nonexistent/dstack.sock"), "00ff").status, 503);
     }
 }

@@ -54,7 +54,7 @@ fn index_page(greeting: Option<&str>, host: &str) -> String {
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>dstack demo app</title></head>\n<body>\n\
          <h1>dstack demo app</h1>\n<p>Greeting: {greeting}</p>\n<p>Hostname: <code>{}</code></p>\n\
          <p><a href=\"/info\">/info</a> shows this CVM's identity from the dstack guest agent; \
-         <code>/quote/&lt;hex report data&gt;</code> returns a quote with its event log.</p>\n</body></html>\n",
+         <code>/quote/&lt;hex nonce&gt;</code> returns a quote over SHA-512(\"dstack-demo-quote:\" ‖ nonce) with its event log.</p>\n</body></html>\n",
         escape_html(host)
     )
 }

@@ -18,12 +18,15 @@
 //! tested against wireguard-go. The tun device is addressed over rtnetlink ([`crate::net::netlink`]): the
 //! initramfs has no iproute2. The guest kernel needs `tun` (a module in Debian's kernels).
 //!
+//! After the boot's registration, [`refresh`] keeps it fresh in the background: periodic re-registration on
+//! the same WireGuard key (fail-over over the URL list), at once when the tunnel goes silent (a restarted
+//! gateway that lost its peer table), and live peer updates when the gateway's servers or keys change.
+//!
 //! Not done (dstack does): the iptables rule admitting UDP 9182 only from the gateways' endpoints
-//! (WireGuard already drops unauthenticated datagrams), and the periodic re-registration with fail-over
-//! (`dstack-gateway-checker`).
+//! (WireGuard already drops unauthenticated datagrams).
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +35,7 @@ use dstack_rpc::Client;
 use dstack_rpc::gateway::{GatewayClient, PortAttrs, PortPolicy, RegisterCvmRequest, RegisterCvmResponse};
 use dstack_tee::RuntimeEventLog;
 use dstack_types::{AppCompose, AppKeys, SysConfig};
-use dstack_wg::{ClientTunnel, DeviceConfig, Tun, WgDevice, WgError};
+use dstack_wg::{ClientTunnel, DeviceConfig, Tun, WgError};
 use rcgen::{KeyPair, PublicKeyData};
 use rustls::Error as TlsError;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
@@ -40,11 +43,17 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 
 use super::kms::{KmsRootChain, other_err, provider};
 use super::tee::TeeMeasurer;
 use super::{BootEnv, BootReport};
 use crate::net::netlink::Netlink;
+
+#[path = "gateway_refresh.rs"]
+pub mod refresh;
+pub use refresh::RefreshPolicy;
+use refresh::{Refresher, Running, Shared};
 
 /// The tunnel interface (dstack's name).
 pub const IFNAME: &str = "dstack-wg0";
@@ -278,27 +287,59 @@ async fn register_one(
 /// Address `tun` over rtnetlink: `<client_ip>/32`, MTU, up, a `/32` route per gateway server.
 pub fn address_interface(tun: &Tun, cfg: &DeviceConfig) -> Result<(), WgError> {
     let err = |what: &str, e: &dyn std::fmt::Display| WgError(format!("{} {what}: {e}", tun.name()));
+    let (mut nl, index) = open_link(tun.name())?;
+    nl.add_address(index, cfg.address.addr, cfg.address.prefix, None)
+        .map_err(|e| err("address", &e))?;
+    nl.set_link_up(index, Some(u32::from(cfg.mtu)))
+        .map_err(|e| err("link up", &e))?;
+    routes(&mut nl, tun.name(), index, cfg)
+}
+
+/// The `/32` routes to the gateway servers of `cfg` on the existing interface `ifname` (added or replaced:
+/// a refresh that learns of new servers calls it again).
+pub fn add_server_routes(ifname: &str, cfg: &DeviceConfig) -> Result<(), WgError> {
+    let (mut nl, index) = open_link(ifname)?;
+    routes(&mut nl, ifname, index, cfg)
+}
+
+fn open_link(ifname: &str) -> Result<(Netlink, u32), WgError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| WgError(format!("{ifname} {what}: {e}"));
     let mut nl = Netlink::open().map_err(|e| err("netlink", &e))?;
     let index = nl
         .links()
         .map_err(|e| err("listing links", &e))?
         .into_iter()
-        .find(|l| l.name == tun.name())
-        .ok_or_else(|| WgError(format!("{}: interface not found after creation", tun.name())))?
+        .find(|l| l.name == ifname)
+        .ok_or_else(|| WgError(format!("{ifname}: interface not found")))?
         .index;
-    nl.add_address(index, cfg.address.addr, cfg.address.prefix, None)
-        .map_err(|e| err("address", &e))?;
-    nl.set_link_up(index, Some(u32::from(cfg.mtu)))
-        .map_err(|e| err("link up", &e))?;
+    Ok((nl, index))
+}
+
+fn routes(nl: &mut Netlink, ifname: &str, index: u32, cfg: &DeviceConfig) -> Result<(), WgError> {
     for r in &cfg.routes {
         // Routes inside the interface's own prefix exist already (the kernel adds the subnet route).
         if cfg.address.prefix <= r.prefix && cfg.address.contains(r.addr) {
             continue;
         }
         nl.add_route(r.network(), r.prefix, None, index, Some(cfg.address.addr))
-            .map_err(|e| err(&format!("route {r}"), &e))?;
+            .map_err(|e| WgError(format!("{ifname} route {r}: {e}")))?;
     }
     Ok(())
+}
+
+fn link_present(ifname: &str) -> bool {
+    let present = Netlink::open()
+        .and_then(|mut nl| nl.links())
+        .map(|links| links.iter().any(|l| l.name == ifname));
+    matches!(present, Ok(true))
+}
+
+/// Waits (up to `limit`) until a dropped tunnel's interface is gone, so its name and UDP port can be reused.
+async fn wait_link_gone(ifname: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while link_present(ifname) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One gateway server as the registration answer lists it.
@@ -355,20 +396,25 @@ impl Registration {
     }
 }
 
-/// Registers and keeps the tunnel running (owned by PID 1's backends for the system's lifetime).
+/// Registers, keeps the tunnel running and the registration fresh ([`refresh`]); owned by PID 1's backends for
+/// the system's lifetime.
 pub struct Gateway {
     measurer: Arc<TeeMeasurer>,
     rt: Handle,
     ifname: String,
     /// Passes over the URL list before giving up (a gateway may still be starting).
     attempts: u32,
-    running: Mutex<Option<(Registration, WgDevice)>>,
+    /// `None`: register once, never refresh.
+    refresh: Option<RefreshPolicy>,
+    shared: Shared,
+    refresher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
             .field("ifname", &self.ifname)
+            .field("refresh", &self.refresh)
             .finish_non_exhaustive()
     }
 }
@@ -386,13 +432,21 @@ impl Gateway {
             rt,
             ifname: ifname.to_owned(),
             attempts: 3,
-            running: Mutex::new(None),
+            refresh: Some(RefreshPolicy::default()),
+            shared: Shared::default(),
+            refresher: Mutex::new(None),
         }
     }
 
     /// Passes over the URL list (default 3, with 2 s and 4 s pauses between them).
     pub fn with_attempts(mut self, attempts: u32) -> Self {
         self.attempts = attempts.max(1);
+        self
+    }
+
+    /// How the registration is kept fresh (default [`RefreshPolicy::default`]; `None`: never refreshed).
+    pub fn with_refresh(mut self, policy: Option<RefreshPolicy>) -> Self {
+        self.refresh = policy;
         self
     }
 
@@ -403,13 +457,18 @@ impl Gateway {
         let Some(plan) = plan(&shared.compose, &shared.sys_config, &report.keys)? else {
             return Ok(None);
         };
-        let reg = self.start(&plan)?;
+        let reg = self.start_inner(&plan, Some(env.root.clone()))?;
         write_status(&env.root, &reg);
         Ok(Some(reg))
     }
 
-    /// Register per `plan` and bring the tunnel up (replacing a previous one). Blocking.
+    /// Register per `plan` and bring the tunnel up (replacing a previous one), then keep the registration
+    /// fresh in the background. Blocking.
     pub fn start(&self, plan: &GatewayPlan) -> Result<Registration, GatewayError> {
+        self.start_inner(plan, None)
+    }
+
+    fn start_inner(&self, plan: &GatewayPlan, status_root: Option<PathBuf>) -> Result<Registration, GatewayError> {
         let log = self
             .measurer
             .event_log()
@@ -417,10 +476,12 @@ impl Gateway {
         self.stop();
         let ifname = self.ifname.clone();
         let attempts = self.attempts;
-        let (reg, dev) = self.rt.block_on(async move {
+        let (reg, running, tls, wg_key) = self.rt.block_on(async move {
             let (cert, key) = client_identity(&log).await?;
             let tls = client_tls(plan, cert, &key)?;
-            let wg_key = dstack_wg::generate_private_key().map_err(|e| GatewayError::Tunnel(e.to_string()))?;
+            let wg_key = zeroize::Zeroizing::new(
+                dstack_wg::generate_private_key().map_err(|e| GatewayError::Tunnel(e.to_string()))?,
+            );
             let public_key = dstack_wg::public_key_b64(&wg_key);
             let mut pass = 1;
             let (url, resp) = loop {
@@ -435,14 +496,21 @@ impl Gateway {
                     }
                 }
             };
-            let tunnel =
-                ClientTunnel::from_response(&resp, wg_key, &ifname).map_err(|e| GatewayError::Tunnel(e.to_string()))?;
+            let tunnel = ClientTunnel::from_response(&resp, *wg_key, &ifname)
+                .map_err(|e| GatewayError::Tunnel(e.to_string()))?;
             let client_ip = tunnel.device.address.addr;
+            let peers = tunnel.peers.clone();
             let dev = tunnel
                 .start_with(address_interface)
                 .await
                 .map_err(|e| GatewayError::Tunnel(e.to_string()))?;
-            Ok::<_, GatewayError>((Registration::new(url, &resp, client_ip, public_key), dev))
+            let reg = Registration::new(url, &resp, client_ip, public_key);
+            let running = Running {
+                reg: reg.clone(),
+                dev,
+                peers,
+            };
+            Ok::<_, GatewayError>((reg, running, tls, wg_key))
         })?;
         tracing::info!(
             "gateway {}: tunnel {} up as {}, {} server(s), domain {:?}",
@@ -452,22 +520,41 @@ impl Gateway {
             reg.servers.len(),
             reg.domain
         );
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        *running = Some((reg.clone(), dev));
+        let epoch = {
+            let mut slot = refresh::lock(&self.shared);
+            slot.running = Some(running);
+            slot.epoch
+        };
+        if let Some(policy) = &self.refresh {
+            let task = Refresher {
+                plan: plan.clone(),
+                measurer: Arc::clone(&self.measurer),
+                tls,
+                wg_key,
+                public_key: reg.public_key.clone(),
+                ifname: self.ifname.clone(),
+                shared: Arc::clone(&self.shared),
+                epoch,
+                status_root,
+                policy: policy.clone(),
+            };
+            let handle = self.rt.spawn(task.run());
+            *self.refresher.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        }
         Ok(reg)
     }
 
-    /// The current registration.
+    /// The current registration (updated by every refresh).
     pub fn registration(&self) -> Option<Registration> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.as_ref().map(|(r, _)| r.clone())
+        refresh::lock(&self.shared).running.as_ref().map(|r| r.reg.clone())
     }
 
     /// Time since the latest handshake with each gateway server, by public key.
     pub fn handshake_ages(&self) -> Vec<(String, Option<Duration>)> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.as_ref().map_or_else(Vec::new, |(_, dev)| {
-            dev.peer_status()
+        let slot = refresh::lock(&self.shared);
+        slot.running.as_ref().map_or_else(Vec::new, |r| {
+            r.dev
+                .peer_status()
                 .into_iter()
                 .map(|s| {
                     let age = s.latest_handshake.and_then(|t| t.elapsed().ok());
@@ -477,9 +564,17 @@ impl Gateway {
         })
     }
 
-    /// Stop the tunnel and wait (up to 2 s) for the interface to go away.
+    /// Stop refreshing and the tunnel, and wait (up to 2 s) for the interface to go away.
     pub fn stop(&self) {
-        let old = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = self.refresher.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+        let old = {
+            let mut slot = refresh::lock(&self.shared);
+            // A refresher still finishing an attempt sees the new epoch and installs nothing.
+            slot.epoch += 1;
+            slot.running.take()
+        };
         if old.is_none() {
             return;
         }
@@ -487,10 +582,7 @@ impl Gateway {
         // runtime drops them.
         drop(old);
         for _ in 0..40 {
-            let present = Netlink::open()
-                .and_then(|mut nl| nl.links())
-                .map(|links| links.iter().any(|l| l.name == self.ifname));
-            if !matches!(present, Ok(true)) {
+            if !link_present(&self.ifname) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

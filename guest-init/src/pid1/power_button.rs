@@ -1,6 +1,8 @@
 //! The ACPI power button: the VM manager's graceful `ShutdownVm` presses it (QMP `system_powerdown` on the
-//! `tcg` backend, as a TD's host would). The kernel reports it as `KEY_POWER` on an input device named
-//! "Power Button"; a watcher thread turns a press into an orderly power-off ([`super::request_power`]).
+//! `tcg` backend, as a TD's host would; on `kvm` our VMM's fixed-feature button, PM1 `PWRBTN_STS` + SCI,
+//! through its control socket). Either way the kernel's ACPI button driver reports it as `KEY_POWER` on an
+//! input device named "Power Button"; a watcher thread turns a press into an orderly power-off
+//! ([`super::request_power`]).
 //!
 //! Input events are `struct input_event` (linux/input.h): on 64-bit, `timeval` (16 bytes), `u16 type`,
 //! `u16 code`, `s32 value` = 24 bytes.
