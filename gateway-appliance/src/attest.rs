@@ -12,8 +12,8 @@
 //! [`kms_crl_refresher`] from the KMS's `Revocation.GetCrl`), a caller presenting a certificate chain
 //! issued under the KMS root (an app certificate from `SignCert`) is refused when the KMS's list
 //! covers it, with the serial in the reason. Self-signed RA-TLS certificates are outside the KMS's
-//! list. Wiring (not done here): `main.rs` must pass the KMS root to [`server_config`] as a client
-//! root and attach the set; until then only self-signed RA-TLS certificates reach the handler.
+//! list. [`crate::rpc_tls::RpcTls`] wires this from `[core.kms]` (the KMS root as a client root of
+//! [`server_config`], the set attached, the refresher spawned).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -212,9 +212,18 @@ impl ServerIdentity {
     }
 }
 
-/// The rustls server config for the registration RPC.
+/// The rustls server config for the registration RPC. Client chains under `client_roots` (a KMS
+/// root) are accepted at the TLS layer besides self-signed RA-TLS certificates.
 pub fn server_config(
     id: ServerIdentity,
+    client_roots: Vec<CertificateDer<'static>>,
+) -> Result<Arc<rustls::ServerConfig>, AttestError> {
+    server_config_with_resolver(crate::rpc_identity::LiveIdentity::new(id)?, client_roots)
+}
+
+/// [`server_config`] with the certificate chosen per handshake by `resolver` (a renewed identity).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     client_roots: Vec<CertificateDer<'static>>,
 ) -> Result<Arc<rustls::ServerConfig>, AttestError> {
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -223,8 +232,7 @@ pub fn server_config(
         .with_client_cert_verifier(
             DeferredAttestationClientVerifier::new(client_roots).map_err(|e| AttestError::Tls(e.to_string()))?,
         )
-        .with_single_cert(id.chain, id.key)
-        .map_err(|e| AttestError::Tls(e.to_string()))?;
+        .with_cert_resolver(resolver);
     Ok(Arc::new(cfg))
 }
 

@@ -84,8 +84,20 @@
 //!
 //! [core.rpc]
 //! enabled = false
-//! address = "0.0.0.0:8000"             # RegisterCvm over mTLS at /prpc
-//! # cert_chain / cert_key: PEM files; self-signed for rpc_domain when absent
+//! address = "0.0.0.0:8000"             # RegisterCvm (and GatewaySync) over mTLS at /prpc
+//! # cert_chain / cert_key: PEM files; when absent the identity below is used
+//! identity = "self-signed"             # "self-signed" (for rpc_domain; clients must pin it) or
+//! #                                    # "agent:/var/run/dstack.sock": inside a CVM, GetTlsKey from the
+//! #                                    # guest agent (RA-TLS, chain to the KMS root), renewed at 2/3 of
+//! #                                    # its lifetime; the chain's root is also trusted for client chains
+//! identity_validity = "0s"             # lifetime asked of the agent (0 = the agent's/KMS's default)
+//!
+//! [core.kms]                           # the KMS whose certificates registering CVMs may present
+//! url = ""                             # "https://kms.example.com:8000": Revocation.GetCrl polled here
+//! # root_ca = "/etc/dstack-gateway/kms-root-ca.pem"   # client chains under it are accepted and checked
+//! #                                    # against its CRL; default in agent mode: the agent chain's root
+//! crl_required = false                 # refuse KMS-issued chains until a first CRL arrived
+//! crl_refresh = "10m"                  # CRL poll interval (clamped to 5s..6h; sooner near nextUpdate)
 //!
 //! [core.admin]
 //! enabled = true
@@ -151,6 +163,34 @@ pub struct CoreConfig {
     pub auth: AuthConfig,
     /// `[core.sync]`.
     pub sync: SyncConfig,
+    /// `[core.kms]`.
+    pub kms: KmsConfig,
+}
+
+/// `[core.kms]`: trust in (and revocations of) certificates issued under a KMS root.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsConfig {
+    /// KMS base URL (`https://host:port`; `/prpc` is appended); empty = no revocation list.
+    pub url: String,
+    /// PEM file of the KMS root CA; `None` in agent mode = the root of the agent-issued chain.
+    pub root_ca: Option<PathBuf>,
+    /// Refuse chains under the root until a first list was fetched.
+    pub crl_required: bool,
+    /// How often the list is fetched.
+    #[serde(deserialize_with = "de_duration")]
+    pub crl_refresh: Duration,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            root_ca: None,
+            crl_required: false,
+            crl_refresh: Duration::from_secs(600),
+        }
+    }
 }
 
 /// `[core.auth]`: an external webhook asked about every registration (fail closed).
@@ -268,6 +308,11 @@ pub struct RpcConfig {
     pub cert_chain: Option<PathBuf>,
     /// Server key (PEM).
     pub cert_key: Option<PathBuf>,
+    /// Where the identity comes from without `cert_chain`/`cert_key`.
+    pub identity: crate::rpc_identity::IdentitySource,
+    /// Lifetime requested for agent-issued certificates (zero = the issuer's default).
+    #[serde(deserialize_with = "de_duration")]
+    pub identity_validity: Duration,
 }
 
 impl Default for RpcConfig {
@@ -277,6 +322,8 @@ impl Default for RpcConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], 8000)),
             cert_chain: None,
             cert_key: None,
+            identity: crate::rpc_identity::IdentitySource::SelfSigned,
+            identity_validity: Duration::ZERO,
         }
     }
 }
@@ -581,6 +628,32 @@ mod tests {
         assert_eq!(c.core.sync.node_timeout, Duration::from_secs(120));
         assert_eq!(c.core.auth.timeout, Duration::from_secs(5));
         assert_eq!(c.core.wg.rotate_grace, Duration::from_secs(86400));
+        assert_eq!(c.core.rpc.identity, crate::rpc_identity::IdentitySource::SelfSigned);
+        assert_eq!(c.core.rpc.identity_validity, Duration::ZERO);
+        assert_eq!(c.core.kms.crl_refresh, Duration::from_secs(600));
+        assert!(!c.core.kms.crl_required && c.core.kms.url.is_empty() && c.core.kms.root_ca.is_none());
+    }
+
+    #[test]
+    fn rpc_identity_and_kms_sections() {
+        let c = GatewayConfig::from_toml(
+            "[core.rpc]\nidentity = \"agent:/var/run/dstack.sock\"\nidentity_validity = \"1d\"\n\
+             [core.kms]\nurl = \"https://kms:8000\"\nroot_ca = \"/k.pem\"\ncrl_required = true\ncrl_refresh = \"30s\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.core.rpc.identity,
+            crate::rpc_identity::IdentitySource::Agent("/var/run/dstack.sock".into())
+        );
+        assert_eq!(c.core.rpc.identity_validity, Duration::from_secs(86400));
+        assert_eq!(c.core.kms.root_ca.as_deref(), Some(Path::new("/k.pem")));
+        assert!(c.core.kms.crl_required);
+        assert_eq!(c.core.kms.crl_refresh, Duration::from_secs(30));
+        let e = GatewayConfig::from_toml("[core.rpc]\nidentity = \"agent\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("self-signed"), "{e}");
+        assert!(GatewayConfig::from_toml("[core.kms]\nroot = \"x\"").is_err());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! * [`registration`]: `RegisterCvm`, WireGuard address allocation.
 //! * [`admin`]: health, status and Prometheus metrics.
 //! * [`attest`]: RA-TLS identity of registering CVMs and the RPC TLS config.
+//! * [`rpc_identity`]: the RPC certificate (files, self-signed, or from the guest agent, renewed).
+//! * [`rpc_tls`]: `[core.rpc]` + `[core.kms]` wired together (identity, KMS root, revocation list).
 //! * [`auth_webhook`]: the registration webhook (fail closed).
 //! * [`sync`]: state shared between gateway nodes over RA-TLS.
 //! * [`wg`]: userspace WireGuard (boringtun) for the gateway and the guest.
@@ -22,6 +24,8 @@ pub mod dns;
 pub mod proxy;
 pub mod registration;
 pub mod routing;
+pub mod rpc_identity;
+pub mod rpc_tls;
 pub mod sni;
 pub mod sync;
 pub mod wg;

@@ -10,9 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use dstack_gateway::acme::{AcmeClient, AcmeSettings, Certbot, ChallTestSrv};
 use dstack_gateway::admin::AdminState;
-use dstack_gateway::attest::{
-    RaTlsIdentity, ServerIdentity, build_verifier, rpc_router, rpc_router_with_sync, server_config,
-};
+use dstack_gateway::attest::{build_verifier, rpc_router, rpc_router_with_sync};
 use dstack_gateway::auth_webhook::AuthWebhook;
 use dstack_gateway::config::GatewayConfig;
 use dstack_gateway::dns::UdpDnsClient;
@@ -20,7 +18,8 @@ use dstack_gateway::proxy::tls::{TlsTerminator, protocol_versions};
 use dstack_gateway::proxy::{ProxyState, Stats};
 use dstack_gateway::registration::{AdmissionPolicy, Registrar};
 use dstack_gateway::routing::RoutingTable;
-use dstack_gateway::sync::{SameAppServerVerifier, SyncService, Syncer, client_tls};
+use dstack_gateway::rpc_tls::RpcTls;
+use dstack_gateway::sync::{SyncService, Syncer};
 use dstack_gateway::wg::{DeviceConfig, WgDevice, decode_key, generate_private_key, public_key_b64};
 use tracing::{info, warn};
 
@@ -222,6 +221,8 @@ async fn start_registration(
         allowed_apps: (!allowed.is_empty()).then(|| allowed.iter().map(|a| a.to_ascii_lowercase()).collect()),
     };
     let rpc = config.core.rpc.clone();
+    // Identity (files, self-signed or guest agent), KMS root and revocation list.
+    let mut rpc_tls = RpcTls::from_config(&config.core).await.context("core.rpc / core.kms")?;
     let webhook = AuthWebhook::from_config(&config.core.auth)?;
     if let Some(h) = &webhook {
         info!(?h, "registration webhook enabled (fail closed)");
@@ -230,22 +231,14 @@ async fn start_registration(
         Registrar::new(
             Arc::new(config.clone()),
             table.clone(),
-            Box::new(RaTlsIdentity::new(verifier.clone())),
+            Box::new(rpc_tls.identity(verifier.clone())),
             wg.clone(),
             policy,
         )
         .with_webhook(webhook),
     );
-    let identity = match (&rpc.cert_chain, &rpc.cert_key) {
-        (Some(c), Some(k)) => ServerIdentity::load(c, k)?,
-        _ => {
-            warn!("core.rpc: no cert_chain/cert_key; using a self-signed certificate");
-            ServerIdentity::self_signed(&config.core.rpc_domain)?
-        }
-    };
     let sync_cfg = config.core.sync.clone();
-    let client_identity = (identity.chain.clone(), identity.key.clone_key());
-    let tls = server_config(identity, Vec::new())?;
+    let tls = rpc_tls.server.clone();
     let listener = tokio::net::TcpListener::bind(rpc.address)
         .await
         .with_context(|| format!("binding rpc {}", rpc.address))?;
@@ -255,11 +248,10 @@ async fn start_registration(
         // accept it, as theirs must be for us.
         let service = SyncService::new(
             registrar.clone(),
-            Box::new(RaTlsIdentity::new(verifier.clone())),
+            Box::new(rpc_tls.identity(verifier.clone())),
             &sync_cfg.gateway_app_id,
         )?;
-        let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &sync_cfg.gateway_app_id)?;
-        let client = client_tls(peer_verifier, client_identity.0, client_identity.1)?;
+        let client = rpc_tls.sync_client(verifier, &sync_cfg.gateway_app_id)?;
         // Certificates renewed by another node are installed here too.
         let (proxy_cfg, proxy_tls) = (config.core.proxy.clone(), proxy_tls.clone());
         registrar.set_cert_hook(Box::new(move |c| {
@@ -309,6 +301,8 @@ async fn start_registration(
             wgc.rotate_grace,
         ));
     }
+    // Agent certificate renewal and the KMS revocation list refresher.
+    rpc_tls.spawn_background();
     tokio::spawn(async move {
         if let Err(e) = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await {
             warn!("rpc server stopped: {e}");

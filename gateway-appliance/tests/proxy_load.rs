@@ -195,8 +195,14 @@ async fn sni_proxy_under_bounded_load_with_malformed_hellos() {
     assert_eq!(state.stats.active.load(Ordering::Relaxed), 0, "connections left open");
     let accepted = state.stats.accepted.load(Ordering::Relaxed);
     assert_eq!(accepted, TOTAL as u64 + 1);
+    // Every malformed hello is either rejected or (still valid after mutation) routed. The proxy counts a
+    // rejection after closing the socket, so the client may see the close first: wait for the count.
+    let expected_bad = (TOTAL / BAD_EVERY) as u64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.stats.rejected.load(Ordering::Relaxed) + bad_routed < expected_bad && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rejected = state.stats.rejected.load(Ordering::Relaxed);
-    // Every malformed hello is either rejected or (still valid after mutation) routed.
     assert_eq!(
         rejected + bad_routed,
         (TOTAL / BAD_EVERY) as u64,

@@ -7,11 +7,19 @@
 //! Sockets: `/var/run/dstack.sock` (aliases `/run/dstack.sock`, `/var/run/dstack/dstack.sock`) and the legacy
 //! `/var/run/tappd.sock`, mode 0777. Compose apps reach them the way dstack documents: a bind mount in the
 //! compose file (`volumes: ["/var/run/dstack.sock:/var/run/dstack.sock"]`); the paths are stable across boots.
+//!
+//! Beside the agent sockets, the host-facing guest API (`GuestApi`: Info, SysInfo, NetworkInfo, ListContainers,
+//! Shutdown) is served on vsock port 8000 when the VM has a virtio-vsock device ([`GuestApiSetup`]); the VM
+//! manager proxies it. Its `Shutdown` asks PID 1 for the same orderly power-off as the ACPI power button. It is
+//! a convenience for the operator: failing to bind it is logged and the boot goes on.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dstack_guest_agent::guest_api::{
+    GUEST_API_PORT, GuestApiOptions, GuestApiService, ShutdownAction, guest_api_router,
+};
 use dstack_guest_agent::{Agent, AgentConfig, AgentSockets, CertSigner, LocalCaSigner, link_aliases, serve_agent};
 use dstack_ra_tls::{AttestationPolicy, CaCert, CertRequest};
 use dstack_tee::Tee;
@@ -21,7 +29,7 @@ use tokio::runtime::Runtime;
 use crate::boot::kms::{KmsCertSigner, KmsConnector, KmsKeySource};
 use crate::boot::tee::TeeMeasurer;
 use crate::boot::{AgentStarter, BootEnv, BootReport, Deps, keys};
-use crate::pid1::InitState;
+use crate::pid1::{InitState, PowerAction};
 
 /// Agent socket paths under a root (`/` in a CVM).
 pub fn agent_sockets(root: &Path) -> (AgentSockets, Vec<PathBuf>) {
@@ -76,6 +84,7 @@ impl Backends {
                 connector,
                 rt: rt.handle().clone(),
                 running: Mutex::new(None),
+                guest_api: Mutex::new(GuestApiSetup::default()),
             },
             gateway: crate::boot::gateway::Gateway::new(Arc::clone(&measurer), rt.handle().clone()),
             measurer,
@@ -101,12 +110,21 @@ pub struct GuestAgent {
     connector: KmsConnector,
     rt: tokio::runtime::Handle,
     running: Mutex<Option<Arc<Agent>>>,
+    guest_api: Mutex<GuestApiSetup>,
 }
 
 impl GuestAgent {
     /// The running agent (after [`AgentStarter::start`]).
     pub fn agent(&self) -> Option<Arc<Agent>> {
         self.running.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Replaces where (and whether) the guest API is served and what its `Shutdown` does; takes effect at
+    /// the next [`AgentStarter::start`]. The default is the CVM's: vsock port 8000, orderly power-off.
+    pub fn set_guest_api(&self, setup: GuestApiSetup) {
+        if let Ok(mut g) = self.guest_api.lock() {
+            *g = setup;
+        }
     }
 
     fn build(&self, report: &BootReport) -> Result<Agent, String> {
@@ -208,9 +226,132 @@ impl AgentStarter for GuestAgent {
         let alias_refs: Vec<&Path> = aliases.iter().map(PathBuf::as_path).collect();
         link_aliases(&sockets.dstack, &alias_refs).map_err(|e| format!("agent socket aliases: {e}"))?;
         tracing::info!("guest agent serving on {}", sockets.dstack.display());
+        let setup = self.guest_api.lock().map(|g| g.clone()).unwrap_or_default();
+        let _ = start_guest_api(&self.rt, &env.root, Arc::clone(&agent), setup);
         if let Ok(mut g) = self.running.lock() {
             *g = Some(agent);
         }
         Ok(())
     }
 }
+
+/// Where the guest API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestApiListen {
+    /// This vsock port on every local CID, if the VM has a virtio-vsock device (else not served).
+    Vsock(u32),
+    /// A unix socket, mode 0600 (tests, debugging).
+    Unix(PathBuf),
+    /// Not served.
+    Off,
+}
+
+/// The guest API's listener and `Shutdown` action.
+#[derive(Clone)]
+pub struct GuestApiSetup {
+    pub listen: GuestApiListen,
+    pub on_shutdown: ShutdownAction,
+}
+
+impl std::fmt::Debug for GuestApiSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestApiSetup")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for GuestApiSetup {
+    /// The CVM's: vsock port 8000; `Shutdown` → PID 1's orderly power-off (apps stopped, disks closed).
+    fn default() -> Self {
+        Self {
+            listen: GuestApiListen::Vsock(GUEST_API_PORT),
+            on_shutdown: Arc::new(|| {
+                crate::pid1::request_power(PowerAction::PowerOff, "the host asked for a shutdown (guest API)");
+            }),
+        }
+    }
+}
+
+/// What [`start_guest_api`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestApiStatus {
+    /// Serving; the listener's description.
+    Serving(String),
+    /// Not served: [`GuestApiListen::Off`], or vsock requested but the VM has no virtio-vsock device.
+    NotServed(String),
+    /// Binding failed (logged; the boot goes on).
+    BindFailed(String),
+}
+
+/// virtio device ID of a socket device (virtio spec 1.2, 5.10).
+const VIRTIO_ID_VSOCK: u32 = 19;
+
+/// True if sysfs under `root` lists a virtio-vsock device (`/sys/bus/virtio/devices/*/device` = `0x0013`).
+pub fn has_vsock_device(root: &Path) -> bool {
+    let Ok(dir) = std::fs::read_dir(root.join("sys/bus/virtio/devices")) else {
+        return false;
+    };
+    dir.flatten().any(|d| {
+        std::fs::read_to_string(d.path().join("device")).is_ok_and(|id| {
+            let id = id.trim();
+            u32::from_str_radix(id.strip_prefix("0x").unwrap_or(id), 16) == Ok(VIRTIO_ID_VSOCK)
+        })
+    })
+}
+
+/// Serves the guest API for `agent` on `rt` per `setup` (system files read under `root`). Never fails the
+/// boot: a bind error is logged and returned as [`GuestApiStatus::BindFailed`].
+pub fn start_guest_api(
+    rt: &tokio::runtime::Handle,
+    root: &Path,
+    agent: Arc<Agent>,
+    setup: GuestApiSetup,
+) -> GuestApiStatus {
+    let opts = GuestApiOptions {
+        root: root.to_owned(),
+        docker_socket: root.join("var/run/docker.sock"),
+        on_shutdown: Some(setup.on_shutdown),
+    };
+    let router = Arc::new(guest_api_router(GuestApiService::new(agent, opts)));
+    // The listeners register with the reactor of the runtime they are created in.
+    let _enter = rt.enter();
+    let (what, bound) = match &setup.listen {
+        GuestApiListen::Off => return GuestApiStatus::NotServed("disabled".into()),
+        GuestApiListen::Vsock(port) => {
+            if !has_vsock_device(root) {
+                tracing::info!("guest API: no virtio-vsock device; not served");
+                return GuestApiStatus::NotServed("no virtio-vsock device".into());
+            }
+            let what = format!("vsock port {port}");
+            let bound = dstack_rpc::vsock::VsockListener::bind(dstack_rpc::vsock::VMADDR_CID_ANY, *port)
+                .map(|l| rt.spawn(serve_logged(l, router, what.clone())));
+            (what, bound)
+        }
+        GuestApiListen::Unix(path) => {
+            let what = format!("unix:{}", path.display());
+            let bound = dstack_rpc::bind_unix(path, 0o600).map(|l| rt.spawn(serve_logged(l, router, what.clone())));
+            (what, bound)
+        }
+    };
+    match bound {
+        Ok(_task) => {
+            tracing::info!("guest API serving on {what}");
+            GuestApiStatus::Serving(what)
+        }
+        Err(e) => {
+            tracing::warn!("guest API: binding {what}: {e}; the host cannot reach the guest API (boot continues)");
+            GuestApiStatus::BindFailed(format!("{what}: {e}"))
+        }
+    }
+}
+
+async fn serve_logged<L: dstack_rpc::Listener>(listener: L, router: Arc<dstack_rpc::RpcRouter>, what: String) {
+    if let Err(e) = dstack_rpc::serve(listener, router, std::future::pending()).await {
+        tracing::error!("guest API on {what} stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+#[path = "backends_tests.rs"]
+mod tests;

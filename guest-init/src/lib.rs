@@ -71,11 +71,7 @@ pub fn boot_thread(state: Arc<InitState>, cmdline: Cmdline) {
         // (the VM manager names its simulated TDX module there), else TDX when present; without one the
         // boot stops here.
         let mut tee_cfg = dstack_tee::TeeConfig::system().map_err(|e| e.to_string())?;
-        if tee_cfg.request == dstack_tee::TeeRequest::Auto
-            && let Some(sel) = &shared.sys_config.tee
-        {
-            tee_cfg.request = dstack_tee::TeeRequest::parse(sel).map_err(|e| format!("sys-config tee: {e}"))?;
-        }
+        tee_cfg.request = boot::tee::own_tee_request(tee_cfg.request.clone(), shared.sys_config.tee.as_deref())?;
         let tee = dstack_tee::detect(&tee_cfg).map_err(|e| e.to_string())?;
         tracing::info!("TEE: {}", tee.kind().as_str());
         let backends = backends::Backends::new(tee, dstack_tee::RUNTIME_EVENT_LOG_FILE, None)

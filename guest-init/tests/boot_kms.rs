@@ -25,7 +25,7 @@ use dstack_sim_tdx::{InitialState, SimTdx};
 use dstack_tee::tdx::TdxPaths;
 use dstack_tee::{SimEndpoint, SimulatedTee, TeeConfig, TeeRequest};
 use dstack_types::shared_files as names;
-use guest_init::backends::{Backends, agent_sockets};
+use guest_init::backends::{Backends, GuestApiListen, GuestApiSetup, agent_sockets};
 use guest_init::boot::config::HostSharedSource;
 use guest_init::boot::{BootEnv, DataDisk};
 use tokio::runtime::Runtime;
@@ -227,6 +227,16 @@ fn boot_gets_kms_keys_measures_and_serves_the_agent() {
     ];
     let env = w.env(&urls);
     let backends = w.backends();
+    // The host-facing guest API on a unix socket (a CVM uses vsock 8000); Shutdown only counts here.
+    let guest_api = w.dir.path().join("guest-api.sock");
+    let shutdowns = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = Arc::clone(&shutdowns);
+    backends.agent.set_guest_api(GuestApiSetup {
+        listen: GuestApiListen::Unix(guest_api.clone()),
+        on_shutdown: Arc::new(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }),
+    });
     let report = guest_init::boot::run(&env, &backends.deps(None)).unwrap();
 
     // Keys equal crates/keys' derivation from the KMS's stored roots for the computed identity.
@@ -314,6 +324,20 @@ fn boot_gets_kms_keys_measures_and_serves_the_agent() {
     assert_eq!(info.app_id, app_id.to_vec());
     assert_eq!(info.instance_id, instance_id.to_vec());
     assert!(info.key_provider_info.contains(&hex::encode(&root_spki)));
+    // The guest API started with the agent answers for the same app, and its Shutdown reaches the hook.
+    let gapi = dstack_rpc::guest_api::GuestApiClient::new(dstack_rpc::Client::unix(&guest_api, "/api"));
+    let ginfo = w.infra.block_on(gapi.info()).unwrap();
+    assert_eq!(ginfo.app_id, app_id.to_vec());
+    assert_eq!(ginfo.instance_id, instance_id.to_vec());
+    w.infra.block_on(gapi.shutdown()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shutdowns.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest API Shutdown never ran its hook"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let verified = verify_quote(
         &quote.quote,
         None,

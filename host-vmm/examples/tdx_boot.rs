@@ -46,7 +46,15 @@ fn main() -> anyhow::Result<()> {
         stdout: true,
         ..Default::default()
     };
-    let outcome = boot_td(&hv, &cfg, &boot, sink, qgs, Some(Duration::from_secs(600)))?;
+    let outcome = boot_td(
+        &hv,
+        &cfg,
+        &boot,
+        &Default::default(),
+        sink,
+        qgs,
+        Some(Duration::from_secs(600)),
+    )?;
     eprintln!("TD stopped: {outcome:?}");
     std::process::exit(outcome.exit_code());
 }

@@ -15,6 +15,7 @@
 
 pub mod arch;
 pub mod cli;
+pub mod control;
 pub mod devices;
 pub mod hypervisor;
 pub mod manager;

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::devices::acpi_pm::{ACPI_PM_LEN, ACPI_PM_PORT, AcpiPm};
+use crate::devices::acpi_pm::{ACPI_PM_LEN, ACPI_PM_PORT, AcpiPm, PM1_EVT_PORT, PM1_LEN, Pm1, PowerButton, SCI_IRQ};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice, SerialSink};
@@ -42,8 +42,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Stop the VM after this long (`VmExit::Timeout`).
     pub timeout: Option<Duration>,
-    /// Write ACPI tables (RSDP at 0xe0000, announced in the zero page). Not yet verified with a real Linux
-    /// boot, hence opt-in; the MP table is always present.
+    /// Write ACPI tables (RSDP at 0xe0000, announced in the zero page) in the fixed-hardware model, with the
+    /// PM1 registers, PM timer and SCI behind them (so the host can press the power button). Not yet verified
+    /// with a real Linux boot, hence opt-in; the MP table is always present.
     pub acpi: bool,
     /// Virtio-pci devices; with none, the VM has no PCI bus at all.
     pub devices: DeviceConfig,
@@ -169,6 +170,7 @@ pub struct Vmm {
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
+    power_button: Option<PowerButton>,
     timeout: Option<Duration>,
     timing: Timing,
     entry: u64,
@@ -219,10 +221,13 @@ impl Vmm {
             e820: &e820,
         });
         if config.acpi {
-            let tables = acpi::build(&acpi::AcpiShape {
-                vcpus: config.vcpus,
-                pci: pci_layout,
-            })?;
+            let tables = acpi::build_for(
+                &acpi::AcpiShape {
+                    vcpus: config.vcpus,
+                    pci: pci_layout,
+                },
+                acpi::PmModel::FixedHardware,
+            )?;
             mem.write_slice(&tables.bytes, GuestAddress(tables.base))
                 .map_err(VmmError::AcpiWrite)?;
             zp.acpi_rsdp_addr = tables.base;
@@ -234,6 +239,11 @@ impl Vmm {
             .map_err(VmmError::MpTableWrite)?;
 
         let (mut pio, serial) = Self::legacy_devices(vm.as_ref(), sink)?;
+        let power_button = if config.acpi {
+            Some(Self::pm1_device(vm.as_ref(), &mut pio)?)
+        } else {
+            None
+        };
         let mut mmio = Bus::new();
         if let Some(layout) = pci_layout {
             Self::pci_devices(&vm, &mem, layout, &config.devices, &mut pio, &mut mmio)?;
@@ -262,6 +272,7 @@ impl Vmm {
             pio,
             mmio,
             serial,
+            power_button,
             timeout: config.timeout,
             timing,
             entry: kernel.entry,
@@ -289,6 +300,21 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm)),
         )?;
         Ok((pio, serial))
+    }
+
+    /// The fixed-hardware ACPI registers (PM1 blocks, PM timer) with the SCI on GSI 9.
+    fn pm1_device(vm: &dyn Vm, pio: &mut Bus) -> Result<PowerButton, VmmError> {
+        let sci = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&sci, SCI_IRQ.into())?;
+        let pm1 = Arc::new(Mutex::new(Pm1::new(Some(sci))));
+        pio.insert("acpi-pm1", PM1_EVT_PORT.into(), PM1_LEN, pm1.clone())?;
+        Ok(PowerButton(pm1))
+    }
+
+    /// A handle that presses the VM's ACPI power button (fixed-hardware ACPI, i.e. `acpi: true`); usable from
+    /// any thread while the VM runs.
+    pub fn power_button(&self) -> Option<PowerButton> {
+        self.power_button.clone()
     }
 
     /// The PCI root bus with the configured virtio devices, wired to the PIO (CF8/CFC) and MMIO (ECAM, BAR

@@ -369,9 +369,12 @@ fn acpi_tables_written_and_announced_only_when_enabled() {
     let mut sig = [0u8; 8];
     vmm.memory().read_slice(&mut sig, GuestAddress(0xe0000)).unwrap();
     assert_eq!(sig, [0; 8], "no ACPI by default");
+    assert!(vmm.power_button().is_none());
     s.config.acpi = true;
     let vmm = s.build();
-    let want = acpi::build(&acpi::AcpiShape { vcpus: 2, pci: None }).unwrap();
+    // The fixed-hardware model: the PM1 registers and SCI behind it are the power button's.
+    let want = acpi::build_for(&acpi::AcpiShape { vcpus: 2, pci: None }, acpi::PmModel::FixedHardware).unwrap();
+    assert!(vmm.power_button().is_some());
     let mut got = vec![0u8; want.bytes.len()];
     vmm.memory().read_slice(&mut got, GuestAddress(want.base)).unwrap();
     assert_eq!(got, want.bytes);

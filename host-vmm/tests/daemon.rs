@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use dstack_host_vmm::manager::backend::TcgBackend;
@@ -16,8 +16,65 @@ use dstack_host_vmm::manager::{Manager, VmmApi, VmmConfig};
 use dstack_rpc::LocalTransport;
 use dstack_rpc::vmm::{Id, VmConfiguration, VmmClient, VmmServer};
 
-fn post(sock: &Path, path: &str, body: &str) -> (u16, serde_json::Value) {
+/// Every socket read/write and every wait in this file is bounded by this, so a wedged daemon fails the test
+/// instead of hanging it.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A spawned `dstack-vmm` that is SIGKILLed and reaped if the test ends (or panics) before stopping it.
+struct Daemon(Option<Child>);
+
+impl Daemon {
+    fn spawn(cfg: &Path, stderr: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_dstack-vmm"))
+            .arg("--config")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon(Some(child))
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// SIGTERM, then the exit status within [`IO_TIMEOUT`] (the guard kills it if that runs out).
+    fn terminate(mut self) -> ExitStatus {
+        // SAFETY: kill(2) of the daemon this test spawned and has not reaped yet.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let mut child = self.0.take().unwrap();
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dstack-vmm did not exit within {IO_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn post(sock: &Path, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     write!(
         s,
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -26,9 +83,14 @@ fn post(sock: &Path, path: &str, body: &str) -> (u16, serde_json::Value) {
     .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let code = resp[9..12].parse().unwrap();
-    let body = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
-    (code, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.find("\r\n\r\n").map_or("", |i| &resp[i + 4..]);
+    (code, body.to_owned())
+}
+
+fn post_json(sock: &Path, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (code, body) = post(sock, path, body);
+    (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -39,11 +101,16 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn stderr_of(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
 #[test]
 fn daemon_serves_prpc_and_exits_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vmm.sock");
     let cfg = dir.path().join("vmm.toml");
+    let log = dir.path().join("stderr.log");
     std::fs::write(
         &cfg,
         format!(
@@ -54,43 +121,90 @@ fn daemon_serves_prpc_and_exits_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dstack-vmm"))
-        .arg("--config")
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("daemon socket", Duration::from_secs(10), || sock.exists());
-    let (code, v) = post(&sock, "/prpc/Version?json", "");
+    let daemon = Daemon::spawn(&cfg, &log);
+    wait_for("daemon socket", IO_TIMEOUT, || sock.exists());
+    let (code, v) = post_json(&sock, "/prpc/Version?json", "");
     assert_eq!(code, 200);
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    let (code, meta) = post(&sock, "/prpc/GetMeta?json", "{}");
+    let (code, meta) = post_json(&sock, "/prpc/GetMeta?json", "{}");
     assert_eq!(code, 200);
     assert_eq!(meta["resources"]["max_allocable_vcpu"], 3);
     assert_eq!(meta["networking"]["default_mode"], "user");
-    let (code, st) = post(&sock, "/prpc/Status?json", "{}");
+    let (code, st) = post_json(&sock, "/prpc/Status?json", "{}");
     assert_eq!((code, st["total"].as_u64()), (200, Some(0)));
-    // SAFETY: kill(2) of the daemon this test spawned.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}: {}", stderr_of(&log));
 }
 
+/// True if this host's kvm_intel module has TDX switched on (then the refusal below cannot be observed).
+fn host_has_tdx() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_intel/parameters/tdx").is_ok_and(|v| v.trim() == "Y")
+}
+
+/// `backend = "tdx"` on a host without TDX: the daemon starts and serves the API (so existing VMs can be
+/// listed and removed), logs why TDs cannot run, and refuses every CreateVm with the capability error.
 #[test]
-fn daemon_refuses_tdx_backend() {
+fn daemon_with_tdx_backend_refuses_create_vm_on_hosts_without_tdx() {
+    if host_has_tdx() {
+        eprintln!("skipped: this host has TDX enabled; the refusal path cannot be observed here");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vmm.sock");
     let cfg = dir.path().join("vmm.toml");
-    std::fs::write(&cfg, "[cvm]\nbackend = \"tdx\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dstack-vmm"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not available on this host"), "{err}");
+    let log = dir.path().join("stderr.log");
+    let img = dir.path().join("images/td-img");
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::write(
+        img.join("metadata.json"),
+        r#"{"bios":"ovmf.fd","kernel":"bzImage","cmdline":"console=ttyS0","initrd":"","version":"0.1.0"}"#,
+    )
+    .unwrap();
+    std::fs::write(img.join("bzImage"), b"not started").unwrap();
+    std::fs::write(img.join("ovmf.fd"), b"not started").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "address = \"unix:{}\"\n[image]\npath = \"{}\"\n[cvm]\nbackend = \"tdx\"\nrun_path = \"{}\"\n\
+             passt_path = \"\"\nvmm_run_path = \"/nonexistent/dstack-vmm-run\"\n",
+            sock.display(),
+            dir.path().join("images").display(),
+            dir.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::spawn(&cfg, &log);
+    wait_for("daemon socket", IO_TIMEOUT, || sock.exists());
+    let (code, meta) = post_json(&sock, "/prpc/GetMeta?json", "{}");
+    assert_eq!(code, 200, "{}", stderr_of(&log));
+    assert!(meta.is_object(), "{meta}");
+
+    let req = serde_json::json!({
+        "name": "td1",
+        "image": "td-img",
+        "compose_file": r#"{"manifest_version":2,"name":"td","runner":"docker-compose","docker_compose_file":"services: {}\n"}"#,
+        "vcpu": 1,
+        "memory": 256,
+        "disk_size": 1,
+    });
+    let (code, body) = post(&sock, "/prpc/CreateVm?json", &req.to_string());
+    assert_ne!(code, 200, "CreateVm on a host without TDX succeeded: {body}");
+    assert!(body.contains("cannot run TDX guests"), "{body}");
+    // The reason is named: either KVM's VM-type capability lacks TDX, or /dev/kvm itself is unusable.
+    assert!(body.contains("KVM_X86_TDX_VM") || body.contains("/dev/kvm"), "{body}");
+    // The daemon said so at start-up too.
+    assert!(
+        stderr_of(&log).contains("cannot start on this host"),
+        "{}",
+        stderr_of(&log)
+    );
+    // The VM record stays (stopped) so the operator can inspect and remove it; nothing runs.
+    let (code, st) = post_json(&sock, "/prpc/Status?json", "{}");
+    assert_eq!((code, st["total"].as_u64()), (200, Some(1)), "{st}");
+    assert_ne!(st["vms"][0]["status"], "running", "{st}");
+
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}: {}", stderr_of(&log));
 }
 
 fn external(var: &str) -> Option<PathBuf> {

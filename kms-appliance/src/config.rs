@@ -34,7 +34,8 @@
 //! address = "0.0.0.0"
 //! port = 8000
 //! vm_config_file = ""           # this KMS's vm_config (VmConfig JSON, or a sys-config JSON with a
-//!                               # "vm_config" string); sent to the source KMS by Onboard.Onboard
+//!                               # "vm_config" string); sent to the source KMS by Onboard.Onboard;
+//!                               # empty with tee = "agent:<socket>": the guest agent's vm_config
 //! revocation_sync_secs = 300    # an onboarded replica pulls the source's revocation list this often (0 = off)
 //!
 //! [core.image]                  # OS image verification of key-release callers (dstack's [core.image])

@@ -56,6 +56,38 @@ pub fn resolve_tee(selector: &str) -> Result<Option<SelfTee>, KmsError> {
     }
 }
 
+/// This KMS's own vm_config, sent to the source KMS when onboarding: `[core.onboard] vm_config_file` when set;
+/// otherwise, inside a CVM (`tee = "agent:<socket>"`), what the guest agent reports (`GetQuote.vm_config`, the
+/// VmConfig of the CVM's sys-config); otherwise none.
+pub async fn own_vm_config(config: &KmsConfig) -> Result<String, KmsError> {
+    let onboard = &config.core.onboard;
+    if onboard
+        .vm_config_file
+        .as_ref()
+        .is_some_and(|p| !p.as_os_str().is_empty())
+    {
+        return onboard.load_vm_config();
+    }
+    // Only the agent selector names an agent; the others ("none", "auto", …) have no vm_config to offer.
+    if !config.core.tee.starts_with("agent:") {
+        return Ok(String::new());
+    }
+    let TeeRequest::Agent(socket) = TeeRequest::parse(&config.core.tee)? else {
+        return Ok(String::new());
+    };
+    let agent = dstack_rpc::agent::DstackGuestClient::new(dstack_rpc::Client::unix(&socket, ""));
+    let resp = agent
+        .get_quote(dstack_rpc::agent::RawQuoteArgs {
+            report_data: vec![0; 64],
+        })
+        .await
+        .map_err(|e| KmsError::Config(format!("vm_config from the guest agent {}: {e}", socket.display())))?;
+    if resp.vm_config.trim().is_empty() {
+        tracing::warn!(socket = %socket.display(), "the guest agent reports no vm_config; onboarding sends none");
+    }
+    Ok(resp.vm_config)
+}
+
 /// Builds the client-attestation verifier from `[core.attestation]`.
 pub fn build_verifier(cfg: &AttestationConfig) -> Result<Arc<AttestationVerifier>, KmsError> {
     let mut pins = Vec::new();
@@ -219,7 +251,7 @@ impl Kms {
             tee: self.tee.clone(),
             verifier: Arc::clone(&self.verifier),
             auth: self.auth.clone(),
-            vm_config: self.config.core.onboard.load_vm_config()?,
+            vm_config: own_vm_config(&self.config).await?,
             attest_rpc_cert: self.config.core.attest_rpc_cert,
             revocations: Arc::clone(&self.revocations),
             site_name: self.config.core.site_name.clone(),

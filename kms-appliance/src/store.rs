@@ -10,8 +10,12 @@
 //! | `bootstrap-info.json` | `BootstrapResponse` as JSON (hex bytes) |
 //!
 //! Every file is written atomically (temp file + fsync + rename + directory fsync); keys are mode 0600.
-//! A crash in the middle of a bootstrap can leave a partial set, which [`KeyStore::load`] refuses with the
-//! name of the missing file and a new bootstrap refuses too (the operator removes the directory).
+//!
+//! A new set is first written completely into `.bootstrap-staging/` beside the files, then moved into place
+//! file by file with `bootstrap-info.json` last. A crash therefore leaves either an incomplete staging
+//! directory and nothing in place (discarded on restart: those keys were never used), or a complete staged
+//! set partly moved (rolled forward on restart: the same keys, never a second bootstrap). See
+//! [`KeyStore::recover_interrupted`].
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -35,6 +39,8 @@ pub const RPC_CERT: &str = "rpc.crt";
 pub const RPC_KEY: &str = "rpc.key";
 pub const RPC_DOMAIN: &str = "rpc-domain";
 pub const BOOTSTRAP_INFO: &str = "bootstrap-info.json";
+/// Where a new key set is written completely before it is moved into place.
+pub const STAGING_DIR: &str = ".bootstrap-staging";
 
 /// All files a bootstrapped KMS has.
 pub const ALL_FILES: [&str; 9] = [
@@ -106,9 +112,60 @@ impl KeyStore {
         ALL_FILES.into_iter().filter(|f| self.path(f).exists()).collect()
     }
 
-    /// True when any key file exists (a bootstrap must not run).
+    /// True when any key file exists (a bootstrap must not run). An interrupted write of a new set is
+    /// recovered first ([`KeyStore::recover_interrupted`]).
     pub fn is_initialized(&self) -> bool {
+        if let Err(e) = self.recover_interrupted() {
+            tracing::error!("recovering an interrupted key-set write in {}: {e}", self.dir.display());
+        }
         !self.existing_files().is_empty()
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.dir.join(STAGING_DIR)
+    }
+
+    /// Finishes or discards a key-set write that a crash interrupted. If every file of the set exists (in the
+    /// staging directory or already in place), the staged files are moved into place: the set was complete
+    /// before the first move, so this yields exactly the keys that were generated. Otherwise the crash hit
+    /// while staging, nothing was moved into place and no key of that set was ever used: the staging directory
+    /// is removed. Returns what was done, if anything.
+    pub fn recover_interrupted(&self) -> Result<Option<&'static str>, KmsError> {
+        let staging = self.staging();
+        if !staging.is_dir() {
+            return Ok(None);
+        }
+        let complete = ALL_FILES
+            .iter()
+            .all(|f| staging.join(f).is_file() || self.path(f).is_file());
+        if complete {
+            self.move_into_place(&staging)?;
+            tracing::warn!(
+                "{}: finished moving a key set whose write was interrupted (same keys, no new bootstrap)",
+                self.dir.display()
+            );
+            Ok(Some("rolled forward"))
+        } else {
+            std::fs::remove_dir_all(&staging).map_err(io(format!("removing {}", staging.display())))?;
+            tracing::warn!(
+                "{}: discarded a key set whose write was interrupted before completion (never used)",
+                self.dir.display()
+            );
+            Ok(Some("discarded"))
+        }
+    }
+
+    /// Renames every staged file into place (`bootstrap-info.json` last), then removes the staging directory.
+    fn move_into_place(&self, staging: &Path) -> Result<(), KmsError> {
+        for f in ALL_FILES {
+            let from = staging.join(f);
+            if from.is_file() {
+                std::fs::rename(&from, self.path(f)).map_err(io(format!("moving {f} into place")))?;
+                sync_dir(&self.dir)?;
+            }
+        }
+        std::fs::remove_dir_all(staging).map_err(io(format!("removing {}", staging.display())))?;
+        sync_dir(&self.dir)
     }
 
     fn read(&self, name: &str) -> Result<Vec<u8>, KmsError> {
@@ -131,6 +188,7 @@ impl KeyStore {
 
     /// Loads every key file.
     pub fn load(&self) -> Result<KeyMaterial, KmsError> {
+        self.recover_interrupted()?;
         let bad = |name: &str, e: &dyn std::fmt::Display| KmsError::Storage(format!("{name}: {e}"));
         let root_cert = self.read_text(ROOT_CA_CERT)?;
         let root_key = self.read_text(ROOT_CA_KEY)?;
@@ -161,6 +219,7 @@ impl KeyStore {
             .mode(0o700)
             .create(&self.dir)
             .map_err(io(format!("creating {}", self.dir.display())))?;
+        self.recover_interrupted()?;
         let existing = self.existing_files();
         if !existing.is_empty() {
             return Err(KmsError::AlreadyBootstrapped(format!(
@@ -186,11 +245,27 @@ impl KeyStore {
             (RPC_DOMAIN, keys.domain.as_bytes(), 0o644),
             (BOOTSTRAP_INFO, &info, 0o644),
         ];
-        for (name, data, mode) in files {
-            write_atomic(&self.path(name), data, mode)?;
+        // A leftover staging directory is an earlier write that never completed (recovered above when it was).
+        let staging = self.staging();
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(io(format!("removing {}", staging.display())))?;
         }
-        Ok(())
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(io(format!("creating {}", staging.display())))?;
+        for (name, data, mode) in files {
+            write_atomic(&staging.join(name), data, mode)?;
+        }
+        sync_dir(&self.dir)?;
+        self.move_into_place(&staging)
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), KmsError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("fsync {}", dir.display())))
 }
 
 /// Writes `data` to `path` atomically: a new temp file in the same directory (created with `mode`, so a
@@ -245,6 +320,45 @@ mod tests {
         assert_eq!(mode, 0o600);
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    fn staged(dir: &Path, in_staging: &[&str], in_place: &[&str]) -> KeyStore {
+        let store = KeyStore::new(dir);
+        std::fs::create_dir_all(dir.join(STAGING_DIR)).unwrap();
+        for f in in_staging {
+            std::fs::write(dir.join(STAGING_DIR).join(f), format!("content of {f}")).unwrap();
+        }
+        for f in in_place {
+            std::fs::write(dir.join(f), format!("content of {f}")).unwrap();
+        }
+        store
+    }
+
+    #[test]
+    fn a_complete_staged_set_is_rolled_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        // Killed after the first two files were moved into place.
+        let store = staged(dir.path(), &ALL_FILES[2..], &ALL_FILES[..2]);
+        assert_eq!(store.recover_interrupted().unwrap(), Some("rolled forward"));
+        for f in ALL_FILES {
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join(f)).unwrap(),
+                format!("content of {f}")
+            );
+        }
+        assert!(!dir.path().join(STAGING_DIR).exists());
+        assert_eq!(store.recover_interrupted().unwrap(), None);
+    }
+
+    #[test]
+    fn an_incomplete_staged_set_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        // Killed while staging: nothing was moved into place.
+        let store = staged(dir.path(), &ALL_FILES[..4], &[]);
+        std::fs::write(dir.path().join(STAGING_DIR).join(".tmp-ca.key.tmp1"), b"half").unwrap();
+        assert!(!store.is_initialized());
+        assert!(!dir.path().join(STAGING_DIR).exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

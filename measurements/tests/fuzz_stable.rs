@@ -1,5 +1,5 @@
 //! Stable, bounded mutation fuzzing of every parser here that takes attacker bytes (quote, CCEL, JSON event
-//! log; TDVF metadata is fuzzed beside its synthetic images in src/mrtd/tests.rs). Runs under plain `cargo test`; the nightly cargo-fuzz targets in `fuzz/` cover the
+//! log; TDVF metadata is fuzzed beside its synthetic images in src/mrtd/tests.rs). Runs under plain `cargo test`; the nightly cargo-fuzz targets in the top-level `fuzz/` crate cover the
 //! same entry points for long runs, and their local corpora (git-ignored) are replayed here when present.
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use dstack_measurements::sim::{SimRootPin, is_simulated_quote, verify_simulated}
 use dstack_testkit::{Budget, Mutator, load_dir, run, run_with, seed_from_env};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus");
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus");
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(DATA).join(name)).unwrap()

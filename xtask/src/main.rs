@@ -7,6 +7,7 @@ mod appliance;
 mod bench;
 mod cache;
 mod demo;
+mod fuzz;
 mod guest_image;
 mod proc;
 mod setup;
@@ -24,6 +25,9 @@ commands:
   setup install test dependencies only
   demo  run the whole stack with an example app
   bench run every benchmark (release) and the demo's boot-phase report
+  fuzz [--time SECS] [--asan] [target...]
+        run the cargo-fuzz targets in fuzz/ (nightly + cargo-fuzz), each for
+        SECS seconds (default 60); prints CPU time per target
   appliance [--out DIR] [--only kms|gateway] [--set [APP.]NAME=VALUE]... [--check-reproducible]
         the KMS and gateway as CVM apps: static binaries, reproducible OCI
         images, compose files and appliances.json (image-build/appliances/)
@@ -61,6 +65,7 @@ fn run(args: &[String]) -> Result<i32> {
         "demo" => demo::run(rest),
         "bench" => bench::run(rest),
         "appliance" => appliance::run(&setup::workspace_root(), rest),
+        "fuzz" => fuzz::run(rest),
         "fetch-deb" => {
             let Some((suite, packages)) = rest.split_first() else {
                 bail!("fetch-deb needs a suite and at least one package");

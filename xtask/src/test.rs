@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cache, guest_image, setup};
+use crate::{cache, fuzz, guest_image, setup};
 
 pub struct TestOptions {
     pub setup: bool,
@@ -76,6 +76,10 @@ impl Tally {
 fn cargo(root: &std::path::Path, target_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root).env("CARGO_TARGET_DIR", target_dir);
+    // CI builds a fresh clone each time: incremental state would only grow the shared target dir.
+    if std::env::var_os("CI").is_some() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
@@ -156,6 +160,17 @@ pub fn run(opts: &TestOptions) -> Result<i32> {
     }
     if !saw_results {
         tally.check("cargo test ran no test binaries", false);
+    }
+
+    // cargo-fuzz targets, a few seconds each, when nightly + cargo-fuzz are installed (says which ran).
+    match fuzz::run_short() {
+        Some(Ok(runs)) => {
+            for r in &runs {
+                tally.check(&format!("cargo fuzz run {}", r.target), r.ok);
+            }
+        }
+        Some(Err(e)) => tally.check(&format!("cargo fuzz: {e:#}"), false),
+        None => {}
     }
 
     println!(

@@ -183,3 +183,123 @@ fn pci_tables_disassemble_with_iasl() {
     }
     assert!(!outputs.contains("Error"), "{outputs}");
 }
+
+fn fixed_hardware_tables() -> AcpiTables {
+    build_for(
+        &AcpiShape {
+            vcpus: 2,
+            pci: Some(PciLayout::for_ram(2 << 30)),
+        },
+        PmModel::FixedHardware,
+    )
+    .unwrap()
+}
+
+/// The fixed-hardware FADT (ACPI 6.5 §5.2.9 offsets): FACS linked and 64-byte aligned, PM1a event/control
+/// blocks, PM timer and SCI, fixed power button (PWR_BUTTON clear), not hardware-reduced; the MADT carries the
+/// SCI's interrupt source override. The XSDT still lists only FADT, MADT and MCFG.
+#[test]
+fn fixed_hardware_fadt_facs_and_sci_override() {
+    let t = fixed_hardware_tables();
+    let xsdt = table(&t, u64_at(&t.bytes, 24), b"XSDT");
+    let entries: Vec<u64> = xsdt[36..]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(entries.len(), 3);
+    let fadt = table(&t, entries[0], b"FACP");
+    let flags = u32_at(fadt, 112);
+    assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED_ACPI");
+    assert_eq!(flags & (1 << 4), 0, "PWR_BUTTON clear: fixed-feature power button");
+    assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON set: no sleep button");
+    assert_ne!(flags & (1 << 8), 0, "TMR_VAL_EXT: 32-bit PM timer");
+    assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI_INT");
+    assert_eq!(u32_at(fadt, 48), 0, "SMI_CMD: no mode switch, always ACPI mode");
+    assert_eq!(
+        (u32_at(fadt, 56), u32_at(fadt, 64), u32_at(fadt, 76)),
+        (0x600, 0x604, 0x608)
+    );
+    assert_eq!(&fadt[88..92], &[4, 2, 0, 4]);
+    assert_eq!(&fadt[244..268], &[0u8; 24][..], "no sleep control/status registers");
+    let facs_addr = u64::from(u32_at(fadt, 36));
+    assert_eq!(facs_addr % 64, 0, "FACS alignment");
+    let off = (facs_addr - t.base) as usize;
+    let facs = &t.bytes[off..off + 64];
+    assert_eq!((&facs[..4], u32_at(facs, 4), facs[32]), (&b"FACS"[..], 64, 2));
+
+    let madt = table(&t, entries[1], b"APIC");
+    // Walk the MADT's interrupt controller structures for the override.
+    let mut at = 44;
+    let mut iso = None;
+    while at < madt.len() {
+        let (ty, len) = (madt[at], madt[at + 1] as usize);
+        if ty == 2 {
+            iso = Some(madt[at..at + len].to_vec());
+        }
+        at += len;
+    }
+    assert_eq!(iso.unwrap(), [2, 10, 0, 9, 9, 0, 0, 0, 5, 0]);
+    // The measured default is unchanged by the option.
+    assert_ne!(
+        t,
+        build(&AcpiShape {
+            vcpus: 2,
+            pci: Some(PciLayout::for_ram(2 << 30)),
+        })
+        .unwrap()
+    );
+}
+
+/// Cross-check of FADT, FACS and MADT with ACPICA's disassembler (`DSTACK_IASL`, see below).
+#[test]
+fn fixed_hardware_tables_disassemble_with_iasl() {
+    let Some(iasl) = std::env::var_os("DSTACK_IASL") else {
+        eprintln!("SKIPPED fixed_hardware_tables_disassemble_with_iasl: set DSTACK_IASL to an iasl binary");
+        return;
+    };
+    let t = fixed_hardware_tables();
+    let xsdt = table(&t, u64_at(&t.bytes, 24), b"XSDT");
+    let fadt_addr = u64_at(xsdt, 36);
+    let fadt = table(&t, fadt_addr, b"FACP").to_vec();
+    let madt = table(&t, u64_at(xsdt, 44), b"APIC").to_vec();
+    let facs_off = (u64::from(u32_at(&fadt, 36)) - t.base) as usize;
+    let facs = t.bytes[facs_off..facs_off + 64].to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs = String::new();
+    for (name, bytes) in [("facp", &fadt), ("apic", &madt), ("facs", &facs)] {
+        let path = dir.path().join(format!("{name}.dat"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = std::process::Command::new(&iasl).arg("-d").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "iasl -d {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push_str(&std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap());
+    }
+    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = squeeze(&outputs);
+    for want in [
+        "SCI Interrupt : 0009",
+        "PM1A Event Block Address : 00000600",
+        "PM1A Control Block Address : 00000604",
+        "PM Timer Block Address : 00000608",
+        "PM1 Event Block Length : 04",
+        "PM1 Control Block Length : 02",
+        "PM Timer Block Length : 04",
+        "Control Method Power Button (V1) : 0",
+        "Control Method Sleep Button (V1) : 1",
+        "32-bit PM Timer (V1) : 1",
+        "Hardware Reduced (V5) : 0",
+        "Subtable Type : 02 [Interrupt Source Override]",
+        "Source : 09",
+        "Interrupt : 00000009",
+        "Polarity : 1",
+        "Trigger Mode : 1",
+        "Signature : \"FACS\"",
+        "Version : 02",
+    ] {
+        assert!(text.contains(want), "iasl output lacks {want:?}:\n{outputs}");
+    }
+    assert!(!outputs.contains("Error"), "{outputs}");
+}

@@ -6,6 +6,7 @@
 //!   (`POST /GetKey`, `/GetQuote`, …, plus `/EmitEvent` for older SDKs) and the legacy `Tappd` service under
 //!   `/prpc` (`/prpc/Tappd.TdxQuote`, also `/prpc/TdxQuote`) of the tappd socket.
 //! * [`serve`] binds both sockets (mode 0777) and creates the alias symlinks dstack SDKs probe.
+//! * [`guest_api`] is the host-facing `GuestApi` (vsock port 8000 in a CVM) the VM manager proxies.
 //! * [`simulate`] runs everything on a host with an in-process simulated TDX module (`dstack-sim-tdx`) and a
 //!   generated app identity; its quotes verify only against the printed simulator root pin, never as TDX.
 //!
@@ -19,6 +20,7 @@
 mod agent;
 pub mod attestation;
 pub mod cert;
+pub mod guest_api;
 pub mod report_data;
 pub mod serve;
 pub mod service;

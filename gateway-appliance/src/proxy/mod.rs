@@ -189,7 +189,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, state: &ProxyState)
     };
     let moved = match dest.mode {
         TlsMode::Passthrough => {
-            let (mut backend, b) = connect(state, &route).await?;
+            let (mut backend, b) = connect(state, &route).await.inspect_err(|_| count_rejected(stats))?;
             let mut first = if b.pp {
                 pp::encode(cfg.pp_version, src, dst)
             } else {
@@ -205,8 +205,10 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, state: &ProxyState)
             let stream = Prefixed::new(std::mem::take(&mut buf), client);
             let tls = tokio::time::timeout(cfg.timeouts.handshake, acceptor.accept(stream))
                 .await
-                .map_err(|_| ProxyError::Timeout("TLS handshake"))??;
-            let (mut backend, b) = connect(state, &route).await?;
+                .map_err(|_| ProxyError::Timeout("TLS handshake"))
+                .and_then(|r| r.map_err(ProxyError::from))
+                .inspect_err(|_| count_rejected(stats))?;
+            let (mut backend, b) = connect(state, &route).await.inspect_err(|_| count_rejected(stats))?;
             if b.pp {
                 write_timed(&mut backend, &pp::encode(cfg.pp_version, src, dst), cfg.timeouts.write).await?;
             }
@@ -216,6 +218,11 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, state: &ProxyState)
     stats.bytes_up.fetch_add(moved.a_to_b, Ordering::Relaxed);
     stats.bytes_down.fetch_add(moved.b_to_a, Ordering::Relaxed);
     Ok(())
+}
+
+/// A connection that never reached a backend: bad hello, unknown name, failed TLS handshake, backend down.
+fn count_rejected(stats: &Stats) {
+    stats.rejected.fetch_add(1, Ordering::Relaxed);
 }
 
 async fn write_timed(s: &mut TcpStream, data: &[u8], t: std::time::Duration) -> Result<(), ProxyError> {

@@ -210,6 +210,21 @@ pub fn client_tls(
     Ok(Arc::new(cfg))
 }
 
+/// [`client_tls`] with the client certificate chosen per handshake by `resolver` (a renewed
+/// identity, e.g. [`crate::rpc_identity::LiveIdentity`]).
+pub fn client_tls_with_resolver(
+    verifier: Arc<SameAppServerVerifier>,
+    resolver: Arc<dyn rustls::client::ResolvesClientCert>,
+) -> Result<Arc<rustls::ClientConfig>, SyncError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SyncError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(resolver);
+    Ok(Arc::new(cfg))
+}
+
 /// Drives the anti-entropy rounds of one node.
 #[derive(Clone)]
 pub struct Syncer {

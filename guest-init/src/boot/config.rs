@@ -217,6 +217,17 @@ impl HostShared {
         let raw_compose = read(names::APP_COMPOSE)?;
         let compose = AppCompose::from_slice(&raw_compose)?;
         let sys_config = SysConfig::from_slice(&read(names::SYS_CONFIG)?)?;
+        // guest-init is the guest agent: the `agent:` selector is for apps inside the CVM, never for PID 1.
+        if let Some(sel) = sys_config.tee.as_deref() {
+            let request = dstack_tee::TeeRequest::parse(sel).map_err(|e| ConfigError::File {
+                file: names::SYS_CONFIG.to_owned(),
+                reason: format!("tee: {e}"),
+            })?;
+            super::tee::refuse_agent_selector("tee", &request).map_err(|reason| ConfigError::File {
+                file: names::SYS_CONFIG.to_owned(),
+                reason,
+            })?;
+        }
         let instance_info = match std::fs::read(dir.join(names::INSTANCE_INFO)) {
             Ok(raw) => InstanceInfo::from_slice(&raw)?,
             Err(_) => InstanceInfo::default(),
@@ -305,6 +316,28 @@ pub(crate) mod tests {
         std::os::unix::fs::symlink("/etc/passwd", src.path().join(names::INSTANCE_INFO)).unwrap();
         let err = copy_from_dir(src.path(), dst.path()).unwrap_err();
         assert!(err.to_string().contains(".instance_info"), "{err}");
+    }
+
+    #[test]
+    fn sys_config_tee_must_not_be_the_agent() {
+        let d = host_dir(COMPOSE);
+        let with_tee = |tee: &str| {
+            let mut v: serde_json::Value = serde_json::from_str(SYS_CONFIG).unwrap();
+            v["tee"] = serde_json::Value::String(tee.into());
+            std::fs::write(d.path().join(names::SYS_CONFIG), v.to_string()).unwrap();
+            HostShared::load(d.path())
+        };
+        let e = with_tee("agent:/var/run/dstack.sock").unwrap_err().to_string();
+        assert!(
+            e.contains(names::SYS_CONFIG) && e.contains("agent:/var/run/dstack.sock") && e.contains("IS the agent"),
+            "{e}"
+        );
+        let e = with_tee("nonsense").unwrap_err().to_string();
+        assert!(e.contains("tee: ") && e.contains("TEE selector \"nonsense\""), "{e}");
+        assert_eq!(
+            with_tee("simulated:vsock:2:10001").unwrap().sys_config.tee.as_deref(),
+            Some("simulated:vsock:2:10001")
+        );
     }
 
     #[test]

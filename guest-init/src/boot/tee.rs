@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use dstack_tee::{EventLogVersion as TeeVersion, RuntimeEventLog, Tee};
+use dstack_tee::{EventLogVersion as TeeVersion, RuntimeEventLog, Tee, TeeRequest};
 use dstack_types::EventLogVersion;
 use tokio::runtime::Handle;
 
@@ -81,9 +81,62 @@ impl Measurer for TeeMeasurer {
     }
 }
 
+/// Why PID 1 cannot use a TEE selector for itself.
+pub fn refuse_agent_selector(source: &str, request: &TeeRequest) -> Result<(), String> {
+    match request {
+        TeeRequest::Agent(socket) => Err(format!(
+            "{source}: agent:{} selects the guest agent's socket, which guest-init itself serves (it IS the agent); \
+             guest-init needs the CVM's own TEE: tdx, simulated:vsock:<cid>:<port>, simulated:unix:<path> or auto \
+             (agent:<socket> is for apps inside the CVM, e.g. the KMS or gateway appliance)",
+            socket.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The TEE PID 1 asks for: `dstack.tee=` on the kernel command line (`cmdline`, already parsed), else the
+/// host config's `tee` (the VM manager names its simulated TDX module there), else auto. The guest agent
+/// selector is refused from either source: guest-init would be waiting on its own socket.
+pub fn own_tee_request(cmdline: TeeRequest, sys_config_tee: Option<&str>) -> Result<TeeRequest, String> {
+    refuse_agent_selector("kernel command line dstack.tee", &cmdline)?;
+    let request = match (cmdline, sys_config_tee) {
+        (TeeRequest::Auto, Some(sel)) => TeeRequest::parse(sel).map_err(|e| format!("sys-config tee: {e}"))?,
+        (request, _) => request,
+    };
+    refuse_agent_selector("sys-config tee", &request)?;
+    Ok(request)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_selector_is_refused_for_pid1_from_either_source() {
+        let agent = || TeeRequest::Agent("/var/run/dstack.sock".into());
+        let e = own_tee_request(agent(), None).unwrap_err();
+        assert!(
+            e.contains("kernel command line") && e.contains("agent:/var/run/dstack.sock") && e.contains("IS the agent"),
+            "{e}"
+        );
+        let e = own_tee_request(TeeRequest::Auto, Some("agent:/run/x.sock")).unwrap_err();
+        assert!(e.starts_with("sys-config tee: agent:/run/x.sock"), "{e}");
+        // The command line wins over the host config (as before); valid selectors pass through.
+        assert_eq!(
+            own_tee_request(TeeRequest::Tdx, Some("agent:/x")).unwrap(),
+            TeeRequest::Tdx
+        );
+        assert_eq!(
+            own_tee_request(TeeRequest::Auto, Some("simulated:vsock:2:10001")).unwrap(),
+            TeeRequest::parse("simulated:vsock:2:10001").unwrap()
+        );
+        assert_eq!(own_tee_request(TeeRequest::Auto, None).unwrap(), TeeRequest::Auto);
+        assert!(
+            own_tee_request(TeeRequest::Auto, Some("bogus"))
+                .unwrap_err()
+                .starts_with("sys-config tee:")
+        );
+    }
     use dstack_guest_agent::simulate::InProcessSimTee;
     use dstack_measurements::sim::SimulatedQuoteSigner;
     use dstack_sim_tdx::{InitialState, SimTdx};

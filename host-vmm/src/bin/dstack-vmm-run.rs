@@ -60,6 +60,9 @@ struct Args {
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Serve the control socket here (`power-button` presses the ACPI power button; see `control`).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Print setup timing (process start → first KVM_RUN) and RSS to stderr.
     #[arg(long)]
     print_timing: bool,
@@ -170,6 +173,10 @@ fn parse_net(spec: &str, mac: &str, mtu: Option<u16>) -> anyhow::Result<NetConfi
 
 fn main() -> anyhow::Result<()> {
     let main_ns = boottime_ns();
+    // `--tdx`: an Intel TDX guest, with its own argument set (`dstack_host_vmm::tdx::cli`).
+    if std::env::args().any(|a| a == "--tdx") {
+        return run_tdx();
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -217,6 +224,10 @@ fn main() -> anyhow::Result<()> {
     };
     let hv = KvmHypervisor::new().context("opening /dev/kvm")?;
     let vmm = Vmm::new(&hv, &config, sink).context("setting up the VM")?;
+    if let Some(path) = &args.control_socket {
+        dstack_host_vmm::control::serve(path, vmm.power_button())
+            .with_context(|| format!("control socket {}", path.display()))?;
+    }
     let report = vmm.run().context("running the VM")?;
     if args.print_timing {
         print_timing(main_ns, &report);
@@ -230,6 +241,27 @@ fn main() -> anyhow::Result<()> {
         VmExit::Timeout => eprintln!("vm: timed out"),
     }
     std::process::exit(report.exit.exit_code());
+}
+
+/// `dstack-vmm-run --tdx …`: boots a TD and exits with the guest's status.
+fn run_tdx() -> anyhow::Result<()> {
+    use dstack_host_vmm::tdx::cli::{TdRunArgs, run};
+    let args = TdRunArgs::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let unattached = args.unattached_devices();
+    if !unattached.is_empty() {
+        tracing::warn!(
+            "TD: not supported for TDs yet (docs/tdx-host.md); ignoring {}",
+            unattached.join(" ")
+        );
+    }
+    let hv = KvmHypervisor::new().context("opening /dev/kvm")?;
+    let exit = run(&hv, &args, None).context("running the TD")?;
+    eprintln!("td: {exit:?}");
+    std::process::exit(exit.exit_code());
 }
 
 #[cfg(test)]

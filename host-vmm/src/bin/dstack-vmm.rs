@@ -33,15 +33,7 @@ fn sibling(name: &str) -> PathBuf {
 fn backend(cfg: &VmmConfig) -> anyhow::Result<Box<dyn Backend>> {
     let c = &cfg.cvm;
     Ok(match c.backend {
-        BackendKind::Kvm => Box::new(KvmBackend {
-            vmm_run: c.vmm_run_path.clone().unwrap_or_else(|| sibling("dstack-vmm-run")),
-            mkfs_erofs: c.mkfs_erofs_path.clone(),
-            passt: (!c.passt_path.as_os_str().is_empty()).then(|| PasstNet {
-                program: c.passt_path.clone(),
-                net: c.networking.net.clone(),
-                dhcp_start: c.networking.dhcp_start.clone(),
-            }),
-        }),
+        BackendKind::Kvm => Box::new(kvm_backend(cfg)),
         BackendKind::Tcg => {
             tracing::warn!("backend tcg: VMs run under QEMU software emulation (development/CI only, never TDX)");
             Box::new(TcgBackend {
@@ -52,8 +44,39 @@ fn backend(cfg: &VmmConfig) -> anyhow::Result<Box<dyn Backend>> {
                 dhcp_start: c.networking.dhcp_start.clone(),
             })
         }
-        BackendKind::Tdx => anyhow::bail!("backend tdx is not available on this host"),
+        BackendKind::Tdx => {
+            use dstack_host_vmm::hypervisor::kvm::KvmHypervisor;
+            use dstack_host_vmm::manager::TdxBackend;
+            let qgs = cfg.cvm.tdx.qgs_socket.clone();
+            let mut b = match KvmHypervisor::new() {
+                Ok(hv) => TdxBackend::probe(&hv, kvm_backend(cfg), qgs),
+                Err(e) => TdxBackend::unavailable(
+                    kvm_backend(cfg),
+                    qgs,
+                    format!("this host cannot run TDX guests: opening /dev/kvm: {e}"),
+                ),
+            };
+            b.use_mrconfigid = cfg.cvm.tdx.use_mrconfigid;
+            if let Err(e) = b.available() {
+                tracing::error!("backend tdx: VMs cannot start on this host: {e}");
+            }
+            Box::new(b)
+        }
     })
+}
+
+/// The `kvm` backend's command line (also the base of `tdx`'s).
+fn kvm_backend(cfg: &VmmConfig) -> KvmBackend {
+    let c = &cfg.cvm;
+    KvmBackend {
+        vmm_run: c.vmm_run_path.clone().unwrap_or_else(|| sibling("dstack-vmm-run")),
+        mkfs_erofs: c.mkfs_erofs_path.clone(),
+        passt: (!c.passt_path.as_os_str().is_empty()).then(|| PasstNet {
+            program: c.passt_path.clone(),
+            net: c.networking.net.clone(),
+            dhcp_start: c.networking.dhcp_start.clone(),
+        }),
+    }
 }
 
 #[tokio::main]

@@ -95,6 +95,10 @@ pub enum ScriptedExit {
     TdxVmcall(super::tdx::TdxVmcall),
     /// `KVM_EXIT_MEMORY_FAULT` (reported as `VcpuExit::Other { reason: 39 }`).
     MemoryFault(super::tdx::MemoryFault),
+    /// A TD's MapGPA as `KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE)` (`VcpuExit::Other { reason: 3 }`).
+    MapGpa(super::tdx::MapGpaRange),
+    /// `KVM_EXIT_IOAPIC_EOI` with the vector (`VcpuExit::Other { reason: 26 }`).
+    IoapicEoi(u8),
 }
 
 #[derive(Default)]
@@ -105,6 +109,9 @@ struct Shared {
     sregs: HashMap<u32, SpecialRegisters>,
     lapic: HashMap<u32, LapicState>,
     td: tdx::TdState,
+    /// Registered irqfds (clones of the VMM's eventfds) and the routing table KVM would hold.
+    irqfds: Vec<(u32, EventFd)>,
+    routes: Vec<IrqRoute>,
 }
 
 /// The fake `/dev/kvm`. Clone it to keep a handle for inspecting the log.
@@ -142,6 +149,27 @@ impl FakeHypervisor {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panicking test thread must not hide the log from the others.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What KVM would inject now: drains every registered irqfd that was signalled and returns, per signal,
+    /// the route its GSI has in the current routing table (an irqfd whose GSI has no route delivers nothing,
+    /// as in KVM).
+    pub fn deliver_irqfds(&self) -> Vec<IrqRoute> {
+        let s = self.lock();
+        let mut out = Vec::new();
+        for (gsi, fd) in &s.irqfds {
+            if fd.read().is_ok()
+                && let Some(r) = s.routes.iter().find(|r| r.gsi() == *gsi)
+            {
+                out.push(*r);
+            }
+        }
+        out
+    }
+
+    /// The routing table as last set.
+    pub fn gsi_routes(&self) -> Vec<IrqRoute> {
+        self.lock().routes.clone()
     }
 }
 
@@ -196,8 +224,12 @@ impl super::Vm for FakeVm {
         Ok(())
     }
 
-    fn register_irqfd(&self, _event: &EventFd, gsi: u32) -> Result<()> {
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.record(Call::RegisterIrqfd { gsi });
+        let fd = event
+            .try_clone()
+            .map_err(|e| HypervisorError::Fake(format!("cloning an irqfd: {e}")))?;
+        self.hv.lock().irqfds.push((gsi, fd));
         Ok(())
     }
 
@@ -208,6 +240,14 @@ impl super::Vm for FakeVm {
 
     fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
         self.record(Call::SetGsiRouting(routes.to_vec()));
+        let mut s = self.hv.lock();
+        // KVM (`kvm_set_routing_entry`): irqchip routes are invalid with a split irqchip.
+        if s.td.split_irqchip() && routes.iter().any(|r| matches!(r, IrqRoute::Irqchip { .. })) {
+            return Err(HypervisorError::Fake(
+                "KVM_SET_GSI_ROUTING: irqchip route with a split irqchip (EINVAL)".into(),
+            ));
+        }
+        s.routes = routes.to_vec();
         Ok(())
     }
 
@@ -342,6 +382,14 @@ impl super::Vcpu for FakeVcpu {
             ScriptedExit::MemoryFault(_) => VcpuExit::Other {
                 reason: super::tdx::EXIT_MEMORY_FAULT,
                 name: "MEMORY_FAULT",
+            },
+            ScriptedExit::MapGpa(_) => VcpuExit::Other {
+                reason: super::tdx::EXIT_HYPERCALL,
+                name: "HYPERCALL",
+            },
+            ScriptedExit::IoapicEoi(_) => VcpuExit::Other {
+                reason: super::tdx::EXIT_IOAPIC_EOI,
+                name: "IOAPIC_EOI",
             },
             ScriptedExit::IoOut { port, data } => {
                 self.buf = data;

@@ -23,6 +23,18 @@ pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
 /// `KVM_EXIT_MEMORY_FAULT` and `KVM_EXIT_TDX`: how these exits show up as [`super::VcpuExit::Other`] reasons.
 pub const EXIT_MEMORY_FAULT: u32 = 39;
 pub const EXIT_TDX: u32 = 40;
+/// `KVM_EXIT_HYPERCALL`: a TD's MapGPA TDVMCALL arrives as hypercall `KVM_HC_MAP_GPA_RANGE`.
+pub const EXIT_HYPERCALL: u32 = 3;
+/// `KVM_EXIT_IOAPIC_EOI`: with a split irqchip, the guest EOId a level-triggered vector the userspace IOAPIC
+/// routed (KVM learns which vectors from the MSI routes of GSIs below the reserved IOAPIC pin count).
+pub const EXIT_IOAPIC_EOI: u32 = 26;
+/// `KVM_CAP_EXIT_HYPERCALL`: its argument is the bit mask of hypercalls to forward to userspace.
+pub const CAP_EXIT_HYPERCALL: u32 = 201;
+/// `KVM_HC_MAP_GPA_RANGE` (linux/kvm_para.h): the hypercall number upstream KVM turns MapGPA into; KVM refuses
+/// a TD's MapGPA ("sub-function unsupported") unless `KVM_CAP_EXIT_HYPERCALL` has this bit.
+pub const HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED` (asm/kvm_para.h) in the hypercall's attribute argument: convert to private.
+pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 
 /// A TDVMCALL KVM left to userspace (`KVM_EXIT_TDX`): the leaf in `nr` and its register arguments (for
 /// GetQuote, `data[0]` is the buffer GPA and `data[1]` its size).
@@ -37,6 +49,15 @@ pub struct TdxVmcall {
 pub struct MemoryFault {
     pub gpa: u64,
     pub size: u64,
+    pub private: bool,
+}
+
+/// An explicit conversion (MapGPA → `KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE)`): `pages` 4 KiB pages from `gpa`
+/// (KVM already stripped the shared bit) become private (`true`) or shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapGpaRange {
+    pub gpa: u64,
+    pub pages: u64,
     pub private: bool,
 }
 
@@ -126,6 +147,11 @@ pub trait TdxVm: Vm {
     fn create_tdx_vcpu(&self, id: u32) -> Result<Box<dyn TdxVcpu>>;
     /// `KVM_TDX_FINALIZE_VM`: seals MRTD; the TD can run afterwards.
     fn tdx_finalize(&self) -> Result<()>;
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)` with the bit mask of hypercall numbers to forward (we need
+    /// `1 << HC_MAP_GPA_RANGE` so MapGPA reaches the VMM).
+    fn enable_exit_hypercall(&self, mask: u64) -> Result<()>;
+    /// `KVM_SIGNAL_MSI`: delivers one message-signalled interrupt (how the userspace IOAPIC injects).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
 }
 
 /// A TD vCPU. Its registers are protected: only the TDX module sets them (RCX = the TD HOB address).
@@ -144,4 +170,11 @@ pub trait TdxVcpu: Vcpu {
     fn set_tdx_vmcall_ret(&mut self, ret: u64) -> Result<()>;
     /// After `run` returned exit reason [`EXIT_MEMORY_FAULT`]: the requested conversion.
     fn memory_fault(&mut self) -> Option<MemoryFault>;
+    /// After `run` returned exit reason [`EXIT_HYPERCALL`] with `KVM_HC_MAP_GPA_RANGE`: the conversion asked for
+    /// (`None` for other hypercalls).
+    fn map_gpa_range(&mut self) -> Option<MapGpaRange>;
+    /// The hypercall's result (`hypercall.ret`; 0 = done, else an errno KVM turns into a TDVMCALL error).
+    fn set_hypercall_ret(&mut self, ret: u64) -> Result<()>;
+    /// After `run` returned exit reason [`EXIT_IOAPIC_EOI`]: the vector the guest acknowledged.
+    fn ioapic_eoi(&mut self) -> Option<u8>;
 }

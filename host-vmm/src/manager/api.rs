@@ -67,6 +67,7 @@ impl VmmApi {
             c.user_config = String::from_utf8_lossy(&wd.read_shared(sf::USER_CONFIG).unwrap_or_default()).into_owned();
             c
         });
+        let interface = self.interface(&s);
         let image_version = Image::load(&self.mgr.config.image.path, &s.manifest.config.image)
             .map(|i| i.metadata.version)
             .unwrap_or_default();
@@ -85,18 +86,37 @@ impl VmmApi {
             shutdown_progress: s.state.shutdown_progress,
             image_version,
             events: s.state.events,
-            interfaces: vec![NetworkInterfaceStatus {
-                mode: "user".into(),
-                backend: if self.mgr.backend().is_emulation() {
-                    "qemu-user"
-                } else {
-                    "none"
-                }
-                .into(),
-                mac: mac_for(&s.manifest.id),
-                bridge_name: None,
-                netdev_id: Some("net0".into()),
-            }],
+            interfaces: vec![interface],
+        }
+    }
+}
+
+impl VmmApi {
+    /// The VM's one network interface as `VmInfo.interfaces` reports it.
+    fn interface(&self, s: &VmSnapshot) -> NetworkInterfaceStatus {
+        let mac = mac_for(&s.manifest.id);
+        if super::validate::network_mode(&self.mgr.config, &s.manifest.config) == "bridge" {
+            return NetworkInterfaceStatus {
+                mode: "bridge".into(),
+                backend: "tap".into(),
+                mac,
+                bridge_name: self.mgr.bridge().map(|b| b.plan().name.clone()),
+                netdev_id: Some(super::bridge::tap_name(s.manifest.cid)),
+            };
+        }
+        NetworkInterfaceStatus {
+            mode: "user".into(),
+            backend: if self.mgr.backend().is_emulation() {
+                "qemu-user"
+            } else if self.mgr.config.cvm.passt_path.as_os_str().is_empty() {
+                "none"
+            } else {
+                "passt"
+            }
+            .into(),
+            mac,
+            bridge_name: None,
+            netdev_id: Some("net0".into()),
         }
     }
 }
@@ -310,9 +330,19 @@ impl VmmRpc for VmmApi {
                 max_allocable_memory_in_mb: cfg.cvm.max_allocable_memory_in_mb,
             }),
             networking: Some(NetworkingCapabilities {
-                supported_modes: vec!["user".into()],
+                supported_modes: if cfg.cvm.networking.bridge.is_some() {
+                    vec!["user".into(), "bridge".into()]
+                } else {
+                    vec!["user".into()]
+                },
                 default_mode: cfg.cvm.networking.mode.clone(),
-                default_bridge: String::new(),
+                default_bridge: cfg
+                    .cvm
+                    .networking
+                    .bridge
+                    .as_ref()
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default(),
             }),
         })
     }

@@ -7,6 +7,7 @@
 //!   beside the VMM, serving `<workdir>/passt.sock`; port mappings become passt `-t`/`-u` forwards).
 //! * `tcg`: QEMU software emulation, vsock over vhost-user served by `vhost-device-vsock` (same host-side
 //!   socket interface). Emulation: for development and CI only.
+//! * `tdx`: `kvm`'s command line with `dstack-vmm-run --tdx` (real Intel TDX guests): [`TdxBackend`].
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,10 @@ use std::path::{Path, PathBuf};
 use dstack_rpc::vmm::PortMapping;
 use serde::Deserialize;
 
+use super::bridge::TapPort;
 use super::state::Workdir;
 use super::supervisor::ProcSpec;
+pub use super::tdx_backend::TdxBackend;
 use crate::virtio::net::passt::{PortForward, passt_args, runas_for_current_user};
 
 /// Errors preparing a launch.
@@ -117,6 +120,30 @@ pub struct LaunchInput<'a> {
     pub ports: &'a [PortMapping],
     /// Host address for mappings that leave it empty.
     pub default_host_address: &'a str,
+    /// Bridge networking: the VM's tap (created by the manager), instead of user-mode networking.
+    pub tap: Option<&'a TapPort>,
+}
+
+/// The VM's MAC (derived from its id, stable across restarts; DHCP leases follow it).
+fn vm_mac(input: &LaunchInput<'_>) -> String {
+    let id = input
+        .workdir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    super::api::mac_for(&id)
+}
+
+/// Port mappings are a user-networking feature: refused with a tap.
+fn no_ports_on_bridge(backend: &'static str, input: &LaunchInput<'_>) -> Result<(), BackendError> {
+    if input.tap.is_some() && !input.ports.is_empty() {
+        return Err(BackendError::Unsupported {
+            backend,
+            reason: "port mapping is only available with user networking, not bridge".into(),
+        });
+    }
+    Ok(())
 }
 
 /// One disk in guest order.
@@ -240,6 +267,11 @@ pub struct PasstNet {
     pub dhcp_start: String,
 }
 
+/// The `kvm` VMM's control socket (ACPI power button for `ShutdownVm`; see `crate::control`).
+pub fn control_socket_path(wd: &Workdir) -> PathBuf {
+    wd.path().join("vmm-control.sock")
+}
+
 /// passt's socket in the VM's work directory.
 pub fn passt_socket_path(wd: &Workdir) -> PathBuf {
     wd.path().join("passt.sock")
@@ -318,7 +350,18 @@ impl Backend for KvmBackend {
         let wd = input.workdir;
         let mut procs = Vec::new();
         let mut net_args = Vec::new();
+        no_ports_on_bridge("kvm", input)?;
         match &self.passt {
+            _ if input.tap.is_some() => {
+                if let Some(tap) = input.tap {
+                    net_args = vec![
+                        "--net".into(),
+                        format!("tap:{}", tap.ifname),
+                        "--mac".into(),
+                        vm_mac(input),
+                    ];
+                }
+            }
             None if !input.ports.is_empty() => {
                 return Err(BackendError::Unsupported {
                     backend: "kvm",
@@ -347,16 +390,11 @@ impl Backend for KvmBackend {
                     stderr: out,
                     ready_path: Some(socket.clone()),
                 });
-                let id = wd
-                    .path()
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
                 net_args = vec![
                     "--net".into(),
                     format!("passt:{}", socket.display()),
                     "--mac".into(),
-                    super::api::mac_for(&id),
+                    vm_mac(input),
                 ];
             }
         }
@@ -375,6 +413,8 @@ impl Backend for KvmBackend {
             "--serial-log".into(),
             wd.serial_log().display().to_string(),
             "--acpi".into(),
+            "--control-socket".into(),
+            control_socket_path(wd).display().to_string(),
         ]);
         for d in &disks {
             let mode = if d.read_only { "ro" } else { "rw" };
@@ -425,6 +465,7 @@ impl Backend for TcgBackend {
     }
     fn plan(&self, input: &LaunchInput<'_>) -> Result<Vec<ProcSpec>, BackendError> {
         let wd = input.workdir;
+        no_ports_on_bridge("tcg", input)?;
         let (disks, cmdline) = disks_and_cmdline(input)?;
         let vhost_sock = wd.vhost_user_sock();
         let _ = std::fs::remove_file(&vhost_sock);
@@ -499,11 +540,17 @@ impl Backend for TcgBackend {
                 p.protocol, p.host_port, p.vm_port
             ));
         }
+        let mut nic = "virtio-net-pci,netdev=net0".to_owned();
+        if let Some(tap) = input.tap {
+            // The manager created the tap and attached it to the bridge: no helper scripts.
+            netdev = format!("tap,id=net0,ifname={},script=no,downscript=no", tap.ifname);
+            nic.push_str(&format!(",mac={}", vm_mac(input)));
+        }
         args.extend([
             "-netdev".into(),
             netdev,
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            nic,
             "-chardev".into(),
             format!("socket,id=vsock0,path={}", qemu_path(&vhost_sock)?),
             "-device".into(),
@@ -543,6 +590,7 @@ mod tests {
             cid: 1001,
             ports,
             default_host_address: "127.0.0.1",
+            tap: None,
         }
     }
 
@@ -593,7 +641,7 @@ mod tests {
             plan[0].args.join(" "),
             "--kernel /i/img/bzImage --initrd /i/img/initramfs.cpio.gz --cmdline console=ttyS0 panic=1 \
              dstack.data_device=/dev/vdb dstack.host_shared=/dev/vdc --vcpus 1 --memory-mib 2048 \
-             --serial-log /r/v/serial.log --acpi --disk /i/img/rootfs.erofs.verity,ro --disk /r/v/hda.img,rw \
+             --serial-log /r/v/serial.log --acpi --control-socket /r/v/vmm-control.sock --disk /i/img/rootfs.erofs.verity,ro --disk /r/v/hda.img,rw \
              --disk /r/v/shared.img,ro --vsock 1001,/r/v/vsock.sock --rng"
         );
         assert_eq!(plan[0].stdout, PathBuf::from("/r/v/stdout.log"));
@@ -640,6 +688,56 @@ mod tests {
              -device virtio-net-pci,netdev=net0 -chardev socket,id=vsock0,path=/r/v/vhost-vsock.sock \
              -device vhost-user-vsock-pci,chardev=vsock0 -device virtio-rng-pci"
         );
+    }
+
+    #[test]
+    fn bridge_mode_uses_the_managers_tap_on_both_backends() {
+        let wd = Workdir::new(Path::new("/r"), "v");
+        let img = image(Path::new("/i"), false);
+        let tap = TapPort {
+            ifname: "dstap1001".into(),
+            bridge: "dstackbr0".into(),
+        };
+        let mac = crate::manager::api::mac_for("v");
+        let mut inp = input(&wd, &img, &[]);
+        inp.tap = Some(&tap);
+        // kvm: no passt process even when passt is configured; the VMM opens the tap.
+        let plan = kvm(true).plan(&inp).unwrap();
+        assert_eq!(plan.len(), 1);
+        assert!(
+            plan[0]
+                .args
+                .join(" ")
+                .contains(&format!("--net tap:dstap1001 --mac {mac} --vsock")),
+            "{:?}",
+            plan[0].args
+        );
+        let tcg = TcgBackend {
+            qemu: "qemu-system-x86_64".into(),
+            vhost_vsock: "vhost-device-vsock".into(),
+            mkfs_erofs: "mkfs.erofs".into(),
+            net: "10.0.2.0/24".into(),
+            dhcp_start: "10.0.2.10".into(),
+        };
+        let line = tcg.plan(&inp).unwrap()[1].command_line();
+        assert!(
+            line.contains(&format!(
+                "-netdev tap,id=net0,ifname=dstap1001,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac={mac}"
+            )),
+            "{line}"
+        );
+        // Port mappings need user networking.
+        let ports = [PortMapping {
+            protocol: "tcp".into(),
+            host_port: 8080,
+            vm_port: 80,
+            host_address: String::new(),
+        }];
+        let mut inp = input(&wd, &img, &ports);
+        inp.tap = Some(&tap);
+        for e in [kvm(true).plan(&inp).unwrap_err(), tcg.plan(&inp).unwrap_err()] {
+            assert!(e.to_string().contains("only available with user networking"), "{e}");
+        }
     }
 
     #[test]

@@ -9,14 +9,22 @@
 //! [image]
 //! path = "./images"                # one sub-directory per image (bzImage, initramfs.cpio.gz, metadata.json, …)
 //! [cvm]
-//! backend = "kvm"                  # "kvm" | "tcg" ("tdx" is refused: no TDX on this host)
+//! backend = "kvm"                  # "kvm" | "tcg" | "tdx" (real TDX; starts fail clearly without it)
 //! run_path = "./run/vm"
 //! cid_start = 1000
 //! cid_pool_size = 1000
 //! max_allocable_vcpu = 8
 //! max_allocable_memory_in_mb = 16384
 //! [cvm.networking]
-//! mode = "user"
+//! mode = "user"                    # default mode: "user" | "bridge" (bridge needs [cvm.networking.bridge])
+//! [cvm.networking.bridge]          # optional: a managed bridge (needs root / CAP_NET_ADMIN)
+//! name = "dstackbr0"
+//! address = "10.88.0.1/24"         # the host's address on the bridge: gateway and subnet of the VMs
+//! dhcp_range = ["10.88.0.10", "10.88.0.250"]
+//! isolate_vms = true               # VMs cannot reach each other (bridge ports `isolated on`)
+//! nat = false                      # masquerade the subnet out of the host's uplink
+//! nat_uplink = ""                  # with nat: only out of this interface (empty: any)
+//! dnsmasq_path = "dnsmasq"
 //! [cvm.port_mapping]
 //! enabled = true
 //! address = "127.0.0.1"
@@ -28,6 +36,9 @@
 //! initial_backoff = 5.0
 //! max_backoff = 300.0
 //! reset_window = 300.0
+//! [cvm.tdx]                       # only for backend = "tdx"
+//! qgs_socket = "/var/run/tdx-qgs/qgs.socket"  # Intel QGS for GetQuote ("none": guests get QGS_UNAVAILABLE)
+//! use_mrconfigid = true            # bind MRCONFIGID to the app config (V1/V2 as dstack's use_mrconfigid)
 //! [cvm.log]
 //! max_bytes = 10485760
 //! max_backups = 3
@@ -125,7 +136,8 @@ pub enum BackendKind {
     Kvm,
     /// QEMU software emulation (`qemu-system-x86_64 -accel tcg`): development and CI only.
     Tcg,
-    /// Real TDX: refused at load time on this host.
+    /// Our VMM launching Intel TDX guests (`manager::tdx_backend`); on a host without TDX every start fails
+    /// with the capability error.
     Tdx,
 }
 
@@ -170,6 +182,27 @@ pub struct CvmConfig {
     pub port_mapping: PortMappingConfig,
     pub auto_restart: AutoRestartConfig,
     pub log: LogConfig,
+    pub tdx: TdxCvmConfig,
+}
+
+/// `[cvm.tdx]`: options of the `tdx` backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TdxCvmConfig {
+    /// Intel QGS unix socket handed to the VMM (`none` disables GetQuote). Default: the VMM's,
+    /// `/var/run/tdx-qgs/qgs.socket`.
+    pub qgs_socket: Option<PathBuf>,
+    /// Launch each TD with the MRCONFIGID binding its app configuration (`tdx::mr_config`). Default true.
+    pub use_mrconfigid: bool,
+}
+
+impl Default for TdxCvmConfig {
+    fn default() -> Self {
+        Self {
+            qgs_socket: None,
+            use_mrconfigid: true,
+        }
+    }
 }
 
 impl Default for CvmConfig {
@@ -198,6 +231,7 @@ impl Default for CvmConfig {
             port_mapping: PortMappingConfig::default(),
             auto_restart: AutoRestartConfig::default(),
             log: LogConfig::default(),
+            tdx: TdxCvmConfig::default(),
         }
     }
 }
@@ -206,11 +240,13 @@ impl Default for CvmConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkingConfig {
-    /// Default mode for VMs that do not ask: `user` (the only mode implemented so far).
+    /// Default mode for VMs that do not ask: `user` (default) or `bridge` (needs [`Self::bridge`]).
     pub mode: String,
     /// Guest subnet of user-mode networking. Default `10.0.2.0/24`.
     pub net: String,
     pub dhcp_start: String,
+    /// The managed bridge; absent: bridge mode is refused.
+    pub bridge: Option<BridgeConfig>,
 }
 
 impl Default for NetworkingConfig {
@@ -219,6 +255,53 @@ impl Default for NetworkingConfig {
             mode: "user".into(),
             net: "10.0.2.0/24".into(),
             dhcp_start: "10.0.2.10".into(),
+            bridge: None,
+        }
+    }
+}
+
+/// `[cvm.networking.bridge]`: a bridge the manager creates and owns, one tap per VM attached to it,
+/// addresses by a dnsmasq DHCP server bound to the bridge (leases under `<run_path>/.bridge/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Interface name. Default `dstackbr0`.
+    pub name: String,
+    /// The host's address on the bridge with the prefix length, e.g. `10.88.0.1/24` (default): the VMs'
+    /// gateway, and the subnet they get addresses in.
+    pub address: String,
+    /// First and last address handed out by DHCP. Default: `.10` to the last host address but one.
+    pub dhcp_range: Option<[String; 2]>,
+    /// DHCP lease time in seconds. Default 3600.
+    pub lease_secs: u32,
+    /// Keep VMs from reaching each other over the bridge (ports `isolated on`). Default true.
+    pub isolate_vms: bool,
+    /// Masquerade traffic from the subnet leaving the host (nftables table `dstack_<name>`, and
+    /// `net.ipv4.ip_forward=1`). Default false.
+    pub nat: bool,
+    /// With `nat`: masquerade only out of this interface (empty: out of any interface but the bridge).
+    pub nat_uplink: String,
+    /// Default `dnsmasq` (Debian `dnsmasq-base`).
+    pub dnsmasq_path: PathBuf,
+    /// Default `ip` (iproute2).
+    pub ip_path: PathBuf,
+    /// Default `nft`.
+    pub nft_path: PathBuf,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            name: "dstackbr0".into(),
+            address: "10.88.0.1/24".into(),
+            dhcp_range: None,
+            lease_secs: 3600,
+            isolate_vms: true,
+            nat: false,
+            nat_uplink: String::new(),
+            dnsmasq_path: "dnsmasq".into(),
+            ip_path: "ip".into(),
+            nft_path: "nft".into(),
         }
     }
 }
@@ -429,12 +512,6 @@ impl VmmConfig {
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let cvm = &self.cvm;
-        if cvm.backend == BackendKind::Tdx {
-            return Err(invalid(
-                "cvm.backend",
-                "\"tdx\" is not available on this host (no TDX module); use \"kvm\" (simulated TDX) or \"tcg\"",
-            ));
-        }
         if cvm.cid_start < 3 {
             return Err(invalid("cvm.cid_start", "must be ≥ 3 (CIDs 0–2 are reserved)"));
         }
@@ -458,8 +535,23 @@ impl VmmConfig {
                 ));
             }
         }
-        if cvm.networking.mode != "user" {
-            return Err(invalid("cvm.networking.mode", "only \"user\" is implemented"));
+        match (cvm.networking.mode.as_str(), &cvm.networking.bridge) {
+            ("user", _) | ("bridge", Some(_)) => {}
+            ("bridge", None) => {
+                return Err(invalid(
+                    "cvm.networking.mode",
+                    "\"bridge\" needs a [cvm.networking.bridge] section",
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "cvm.networking.mode",
+                    format!("{other:?}: \"user\" or \"bridge\""),
+                ));
+            }
+        }
+        if let Some(b) = &cvm.networking.bridge {
+            super::bridge::BridgePlan::from_config(b).map_err(|e| invalid("cvm.networking.bridge", e.to_string()))?;
         }
         let ar = &cvm.auto_restart;
         for (field, v) in [
@@ -509,9 +601,18 @@ mod tests {
     }
 
     #[test]
-    fn tdx_backend_refused_clearly() {
-        let e = VmmConfig::parse("[cvm]\nbackend = \"tdx\"\n").unwrap_err().to_string();
-        assert!(e.contains("cvm.backend") && e.contains("not available"), "{e}");
+    fn tdx_backend_parses() {
+        // The host check happens when the backend is built (`manager::tdx_backend`), not here.
+        let c = VmmConfig::parse("[cvm]\nbackend = \"tdx\"\n").unwrap();
+        assert_eq!(c.cvm.backend, BackendKind::Tdx);
+        assert_eq!((c.cvm.tdx.qgs_socket.as_ref(), c.cvm.tdx.use_mrconfigid), (None, true));
+        let c = VmmConfig::parse("[cvm.tdx]\nqgs_socket = \"/run/qgs.sock\"\nuse_mrconfigid = false\n").unwrap();
+        assert_eq!(c.cvm.tdx.qgs_socket, Some(PathBuf::from("/run/qgs.sock")));
+        assert!(!c.cvm.tdx.use_mrconfigid);
+        assert!(
+            VmmConfig::parse("[cvm.tdx]\nqgs_port = 4050\n").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]
@@ -526,6 +627,12 @@ mod tests {
             ("tcp_address = \"127.0.0.1:1\"\n", "tcp_address"),
             ("[auth]\nenabled = true\n", "auth.tokens"),
             ("[cvm]\nbogus = 1\n", "bogus"),
+            ("[cvm.networking]\nmode = \"bridge\"\n", "[cvm.networking.bridge]"),
+            ("[cvm.networking]\nmode = \"tap\"\n", "cvm.networking.mode"),
+            (
+                "[cvm.networking.bridge]\naddress = \"10.88.0.0/24\"\n",
+                "cvm.networking.bridge",
+            ),
         ] {
             let e = VmmConfig::parse(text).unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");

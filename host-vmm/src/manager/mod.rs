@@ -7,6 +7,7 @@
 //! - [`state`] — work directory layout, manifests, CID pool.
 //! - [`supervisor`] — processes, logs, rlimits.
 //! - [`backend`] — command lines for `kvm` and `tcg`.
+//! - [`bridge`] — bridge networking: managed bridge, per-VM taps, dnsmasq DHCP, isolation, NAT.
 //! - [`vms`] — the registry and lifecycle ([`Manager`]).
 //! - [`services`] — host API + simulated TDX per VM; host-shared files.
 //! - [`validate`] — request checks.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod bridge;
 pub mod config;
 pub mod dashboard;
 pub mod guest_proxy;
@@ -24,10 +26,11 @@ pub mod services;
 pub mod shutdown;
 pub mod state;
 pub mod supervisor;
+pub mod tdx_backend;
 pub mod validate;
 pub mod vms;
 
 pub use api::{VmmApi, router};
-pub use backend::{Backend, BackendError, Image, KvmBackend, LaunchInput, TcgBackend};
+pub use backend::{Backend, BackendError, Image, KvmBackend, LaunchInput, TcgBackend, TdxBackend};
 pub use config::{BackendKind, VmmConfig};
 pub use vms::{Manager, ManagerError};

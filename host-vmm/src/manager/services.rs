@@ -144,6 +144,14 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
         }
     });
 
+    // A TD attests with the real TDX module: no simulated one beside it (`manager::tdx_backend`).
+    if cfg.cvm.backend == super::BackendKind::Tdx {
+        info!(
+            "VM {}: host API on vsock port {} (TDX: no simulated TDX module)",
+            ctx.id, cfg.host_api.port
+        );
+        return Ok(VmServices { stops });
+    }
     let image = Image::load(&cfg.image.path, &ctx.image).ok();
     let init = initial_state(image.as_ref(), &ctx.id, ctx.vcpu, ctx.memory_mb);
     // One simulated attestation key per host (not per VM), so a KMS pins one root for all of them.
@@ -291,8 +299,12 @@ pub fn write_sys_config(
         host_api_url: Some(format!("vsock://2:{}/api", cfg.host_api.port)),
         mr_config: None,
         vm_config: vm_config.to_json_string(),
-        // Every backend here runs the simulated TDX module beside the VM (the TDX backend will not).
-        tee: Some(format!("simulated:vsock:2:{}", cfg.sim_tdx.port)),
+        // `kvm`/`tcg` run the simulated TDX module beside the VM; a TD must use real TDX ("tdx": TDX or fail).
+        tee: Some(if cfg.cvm.backend == super::BackendKind::Tdx {
+            "tdx".to_owned()
+        } else {
+            format!("simulated:vsock:2:{}", cfg.sim_tdx.port)
+        }),
     };
     let json = serde_json::to_vec_pretty(&sys).map_err(|e| ManagerError::Other(e.to_string()))?;
     Ok(wd.write_shared(sf::SYS_CONFIG, &json)?)

@@ -7,8 +7,9 @@
 //! - `tcg` in addition: QMP `system_powerdown` on `<workdir>/qmp.sock` (an ACPI power-button press); needs
 //!   QEMU started with `-qmp unix:<workdir>/qmp.sock,server=on,wait=off`, and a guest whose userspace acts on
 //!   the power button (the kernel only reports it as `KEY_POWER` on an input device);
-//! - `kvm`/`tdx` (our VMM): no ACPI path yet — the VMM has no control socket through which the manager could
-//!   make it raise PM1 `PWRBTN_STS` + SCI.
+//! - `kvm` in addition: the ACPI fixed-feature power button of our VMM (`power-button` on its control
+//!   socket `<workdir>/vmm-control.sock`: PM1 `PWRBTN_STS` + SCI, see `devices::acpi_pm::Pm1`); the guest
+//!   sees the same "Power Button" input device as under QEMU.
 //!
 //! A guest nobody could ask gets the hard stop at once (nothing to wait for).
 //!
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::backend::control_socket_path;
 use super::guest_proxy;
 use super::qmp;
 use super::state::Workdir;
@@ -37,11 +39,16 @@ pub async fn request_poweroff(mgr: &Arc<Manager>, id: &str) -> Result<Vec<&'stat
     let wd = Workdir::new(&mgr.config.cvm.run_path, id);
     let mut asked = Vec::new();
     let mut failures = Vec::new();
-    if mgr.backend().name() == "tcg" {
-        match qmp::system_powerdown(&qmp::socket_path(&wd), REQUEST_TIMEOUT).await {
+    match mgr.backend().name() {
+        "tcg" => match qmp::system_powerdown(&qmp::socket_path(&wd), REQUEST_TIMEOUT).await {
             Ok(()) => asked.push("ACPI power button (QMP system_powerdown)"),
             Err(e) => failures.push(e.to_string()),
-        }
+        },
+        "kvm" => match press_power_button(&wd).await {
+            Ok(()) => asked.push("ACPI power button (VMM control socket)"),
+            Err(e) => failures.push(e),
+        },
+        _ => {}
     }
     match guest_proxy::guest_client(&wd, REQUEST_TIMEOUT).shutdown().await {
         Ok(_) => asked.push("guest API Shutdown"),
@@ -57,6 +64,22 @@ pub async fn request_poweroff(mgr: &Arc<Manager>, id: &str) -> Result<Vec<&'stat
         Err(failures.join("; "))
     } else {
         Ok(asked)
+    }
+}
+
+/// Presses the ACPI power button of our VMM through its control socket.
+pub async fn press_power_button(wd: &Workdir) -> Result<(), String> {
+    let path = control_socket_path(wd);
+    let shown = path.display().to_string();
+    let reply =
+        tokio::task::spawn_blocking(move || crate::control::send(&path, crate::control::POWER_BUTTON, REQUEST_TIMEOUT))
+            .await
+            .map_err(|e| format!("internal error: {e}"))?
+            .map_err(|e| format!("ACPI power button via {shown}: {e}"))?;
+    if reply == "OK" {
+        Ok(())
+    } else {
+        Err(format!("ACPI power button via {shown}: {reply}"))
     }
 }
 

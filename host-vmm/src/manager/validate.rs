@@ -144,6 +144,60 @@ pub fn port_conflicts<'a>(
     Ok(())
 }
 
+/// The network mode a VM runs with: its own `networking.mode`, else the configured default.
+pub fn network_mode<'a>(cfg: &'a VmmConfig, req: &'a VmConfiguration) -> &'a str {
+    req.networking
+        .iter()
+        .chain(&req.networks)
+        .map(|n| n.mode.as_str())
+        .find(|m| !m.is_empty())
+        .unwrap_or(&cfg.cvm.networking.mode)
+}
+
+/// `networking` / `networks`: one interface, `user` or `bridge` (the managed bridge only), and port
+/// mappings only with `user`.
+pub fn networking(cfg: &VmmConfig, req: &VmConfiguration) -> Result<(), ValidationError> {
+    if req.networks.len() > 1 || (req.networking.is_some() && !req.networks.is_empty()) {
+        return Err(bad("networks", "one network interface per VM is supported"));
+    }
+    let bridge = cfg.cvm.networking.bridge.as_ref();
+    for (field, n) in req.networking.iter().map(|n| ("networking".to_owned(), n)).chain(
+        req.networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("networks[{i}]"), n)),
+    ) {
+        match (n.mode.as_str(), bridge) {
+            ("" | "user", _) => {}
+            ("bridge", Some(b)) => {
+                if !(n.bridge_name.is_empty() || n.bridge_name == b.name) {
+                    return Err(bad(
+                        field,
+                        format!(
+                            "bridge {:?}: only the managed bridge {:?} is available",
+                            n.bridge_name, b.name
+                        ),
+                    ));
+                }
+            }
+            ("bridge", None) => {
+                return Err(bad(
+                    field,
+                    "bridge networking is not configured on this host (vmm.toml [cvm.networking.bridge])",
+                ));
+            }
+            (other, _) => return Err(bad(field, format!("mode {other:?}: \"user\" or \"bridge\""))),
+        }
+    }
+    if network_mode(cfg, req) == "bridge" && !req.ports.is_empty() {
+        return Err(bad(
+            "ports",
+            "port mapping is only available with user networking (this VM uses the bridge)",
+        ));
+    }
+    Ok(())
+}
+
 /// The whole `CreateVm` request; returns the image it names.
 pub fn vm_configuration(cfg: &VmmConfig, req: &VmConfiguration) -> Result<Image, ValidationError> {
     name(&req.name)?;
@@ -180,19 +234,7 @@ pub fn vm_configuration(cfg: &VmmConfig, req: &VmConfiguration) -> Result<Image,
     if req.hugepages {
         return Err(bad("hugepages", "not supported by this VMM"));
     }
-    for (field, n) in req.networking.iter().map(|n| ("networking".to_owned(), n)).chain(
-        req.networks
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (format!("networks[{i}]"), n)),
-    ) {
-        if !(n.mode.is_empty() || n.mode == "user") {
-            return Err(bad(
-                field,
-                format!("mode {:?}: only \"user\" networking is implemented", n.mode),
-            ));
-        }
-    }
+    networking(cfg, req)?;
     for (field, urls) in [("kms_urls", &req.kms_urls), ("gateway_urls", &req.gateway_urls)] {
         if let Some(u) = urls
             .iter()
@@ -214,6 +256,45 @@ mod tests {
         for n in ["", ".hidden", "-x", "a/b", "a b", &"x".repeat(65)] {
             assert!(name(n).is_err(), "{n:?}");
         }
+    }
+
+    #[test]
+    fn networking_modes() {
+        use dstack_rpc::vmm::NetworkingConfig;
+        let mut cfg = VmmConfig::default();
+        let vm = |mode: &str, bridge: &str, ports: usize| VmConfiguration {
+            networking: Some(NetworkingConfig {
+                mode: mode.into(),
+                bridge_name: bridge.into(),
+            }),
+            ports: vec![
+                PortMapping {
+                    protocol: "tcp".into(),
+                    host_port: 8080,
+                    vm_port: 80,
+                    host_address: String::new(),
+                };
+                ports
+            ],
+            ..Default::default()
+        };
+        assert!(networking(&cfg, &vm("user", "", 1)).is_ok());
+        let e = networking(&cfg, &vm("bridge", "", 0)).unwrap_err().to_string();
+        assert!(e.contains("not configured"), "{e}");
+        cfg.cvm.networking.bridge = Some(Default::default());
+        assert!(networking(&cfg, &vm("bridge", "", 0)).is_ok());
+        assert!(networking(&cfg, &vm("bridge", "dstackbr0", 0)).is_ok());
+        let e = networking(&cfg, &vm("bridge", "virbr0", 0)).unwrap_err().to_string();
+        assert!(e.contains("only the managed bridge"), "{e}");
+        let e = networking(&cfg, &vm("bridge", "", 1)).unwrap_err().to_string();
+        assert!(e.contains("ports") && e.contains("user networking"), "{e}");
+        let e = networking(&cfg, &vm("tap", "", 0)).unwrap_err().to_string();
+        assert!(e.contains("\"tap\""), "{e}");
+        // The configured default applies to VMs that do not ask.
+        cfg.cvm.networking.mode = "bridge".into();
+        let plain = VmConfiguration::default();
+        assert_eq!(network_mode(&cfg, &plain), "bridge");
+        assert_eq!(network_mode(&cfg, &vm("user", "", 0)), "user");
     }
 
     #[test]

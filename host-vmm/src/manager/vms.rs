@@ -11,6 +11,7 @@ use dstack_rpc::vmm::{GuestEvent, VmConfiguration};
 use tracing::{info, warn};
 
 use super::backend::{Backend, Image, LaunchInput};
+use super::bridge::{BridgeError, BridgeNet, TapPort, tap_name};
 use super::config::VmmConfig;
 use super::services::{self, VmServices};
 use super::state::{CidPool, Desired, Manifest, ProcRecord, VmState, Workdir, is_valid_id, new_uuid, now_ms};
@@ -49,6 +50,8 @@ pub enum ManagerError {
     Supervisor(#[from] super::supervisor::SupervisorError),
     #[error(transparent)]
     State(#[from] super::state::StateError),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
     #[error("{0}")]
     Other(String),
 }
@@ -62,6 +65,8 @@ struct Vm {
     services: Option<VmServices>,
     started: Option<Instant>,
     next_restart: Option<Instant>,
+    /// The VM's tap on the managed bridge while it runs (bridge networking).
+    tap: Option<TapPort>,
 }
 
 impl Vm {
@@ -108,6 +113,8 @@ struct Registry {
 pub struct Manager {
     pub config: VmmConfig,
     backend: Box<dyn Backend>,
+    /// The managed bridge (`[cvm.networking.bridge]`).
+    bridge: Option<BridgeNet>,
     registry: Mutex<Registry>,
     runtime: tokio::runtime::Handle,
     /// Set for the re-adoption hand-over in tests and on daemon exit: leave VM processes running.
@@ -129,6 +136,10 @@ impl Manager {
             "simulated TDX module root certificate (pin it in verifiers that allow simulation): {}",
             dstack_sim_tdx::root_cert_path(&sim_dir).display()
         );
+        let bridge = match &config.cvm.networking.bridge {
+            Some(b) => Some(BridgeNet::setup(b, &run_path.join(".bridge"))?),
+            None => None,
+        };
         let mut cids = CidPool::new(config.cvm.cid_start, config.cvm.cid_pool_size);
         let mut vms = BTreeMap::new();
         let entries =
@@ -164,12 +175,14 @@ impl Manager {
                     services: None,
                     started: None,
                     next_restart: None,
+                    tap: None,
                 },
             );
         }
         let mgr = Arc::new(Manager {
             config,
             backend,
+            bridge,
             registry: Mutex::new(Registry { vms, cids }),
             runtime: tokio::runtime::Handle::current(),
             detach: std::sync::atomic::AtomicBool::new(false),
@@ -180,6 +193,23 @@ impl Manager {
 
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    /// The managed bridge, if configured.
+    pub fn bridge(&self) -> Option<&BridgeNet> {
+        self.bridge.as_ref()
+    }
+
+    /// Whether `vm` uses bridge networking.
+    fn uses_bridge(&self, vm: &Vm) -> bool {
+        validate::network_mode(&self.config, &vm.manifest.config) == "bridge"
+    }
+
+    /// Deletes the VM's tap (after its processes ended).
+    fn release_tap(&self, vm: &mut Vm) {
+        if let (Some(tap), Some(b)) = (vm.tap.take(), &self.bridge) {
+            b.remove_port(&tap.ifname);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -209,6 +239,12 @@ impl Manager {
                 );
                 vm.procs = adopted;
                 vm.started = Some(Instant::now());
+                if let Some(b) = self.bridge.as_ref().filter(|_| self.uses_bridge(vm)) {
+                    vm.tap = Some(TapPort {
+                        ifname: tap_name(vm.manifest.cid),
+                        bridge: b.plan().name.clone(),
+                    });
+                }
                 match services::start(self, vm_ctx(vm)) {
                     Ok(s) => vm.services = Some(s),
                     Err(e) => warn!("VM {id}: host services: {e}"),
@@ -278,6 +314,7 @@ impl Manager {
                 services: None,
                 started: None,
                 next_restart: None,
+                tap: None,
             };
             vm.save()?;
             Ok(vm)
@@ -353,36 +390,78 @@ impl Manager {
         // The image may have been rebuilt under the same name since the last start: vm_config's
         // os_image_hash must name what boots now (the KMS checks it against the measurements).
         services::write_sys_config(&self.config, &vm.wd, &vm.manifest.config, &image)?;
-        let c = &vm.manifest.config;
-        let input = LaunchInput {
-            workdir: &vm.wd,
-            image: &image,
-            vcpu: c.vcpu,
-            memory_mb: c.memory,
-            disk_size_gb: c.disk_size,
-            cid: vm.manifest.cid,
-            ports: &c.ports,
-            default_host_address: &self.config.cvm.port_mapping.address,
+        self.prepare_tap(vm)?;
+        let planned = (|| {
+            let c = &vm.manifest.config;
+            let input = LaunchInput {
+                workdir: &vm.wd,
+                image: &image,
+                vcpu: c.vcpu,
+                memory_mb: c.memory,
+                disk_size_gb: c.disk_size,
+                cid: vm.manifest.cid,
+                ports: &c.ports,
+                default_host_address: &self.config.cvm.port_mapping.address,
+                tap: vm.tap.as_ref(),
+            };
+            self.backend.prepare(&input)?;
+            Ok::<_, ManagerError>(self.backend.plan(&input)?)
+        })();
+        let plan = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                self.release_tap(vm);
+                return Err(e);
+            }
         };
-        self.backend.prepare(&input)?;
-        let plan = self.backend.plan(&input)?;
         if vm.services.is_none() {
-            vm.services = Some(services::start(self, vm_ctx(vm)).map_err(ManagerError::Other)?);
+            match services::start(self, vm_ctx(vm)) {
+                Ok(s) => vm.services = Some(s),
+                Err(e) => {
+                    self.release_tap(vm);
+                    return Err(ManagerError::Other(e));
+                }
+            }
         }
+        if let Err(e) = self.spawn_plan(vm, &plan) {
+            self.release_tap(vm);
+            // The VM will not run: its host services go too.
+            if let Some(s) = vm.services.take() {
+                s.shutdown();
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The tap a bridge-mode VM's start needs (created here; deleted when the VM's processes end).
+    fn prepare_tap(&self, vm: &mut Vm) -> Result<(), ManagerError> {
+        if !self.uses_bridge(vm) {
+            return Ok(());
+        }
+        let bridge = self.bridge.as_ref().ok_or_else(|| {
+            ManagerError::Other(format!(
+                "VM {} uses bridge networking, which is not configured (vmm.toml [cvm.networking.bridge])",
+                vm.manifest.id
+            ))
+        })?;
+        if vm.tap.is_none() {
+            vm.tap = Some(bridge.add_port(vm.manifest.cid)?);
+        }
+        Ok(())
+    }
+
+    fn spawn_plan(&self, vm: &mut Vm, plan: &[super::supervisor::ProcSpec]) -> Result<(), ManagerError> {
         let limits = Limits {
             nofile: self.config.cvm.rlimit_nofile,
         };
         let mut procs: Vec<Process> = Vec::new();
-        for spec in &plan {
+        for spec in plan {
             match Process::spawn(spec, limits) {
                 Ok(p) => procs.push(p),
                 Err(e) => {
                     for mut p in procs {
                         p.kill_and_wait(Duration::from_secs(2));
-                    }
-                    // The VM will not run: its host services go too.
-                    if let Some(s) = vm.services.take() {
-                        s.shutdown();
                     }
                     return Err(e.into());
                 }
@@ -439,6 +518,9 @@ impl Manager {
             s.shutdown();
         }
         vm.started = None;
+        if let (Some(tap), Some(b)) = (vm.tap.take(), &self.bridge) {
+            b.remove_port(&tap.ifname);
+        }
         vm.save()
     }
 
@@ -541,6 +623,9 @@ impl Manager {
 
     /// One monitor pass: rotate logs, detect exits, schedule and run auto-restarts.
     pub fn tick(self: &Arc<Self>) {
+        if let Some(b) = &self.bridge {
+            b.check();
+        }
         let mut reg = self.lock();
         let ar = &self.config.cvm.auto_restart;
         let log = &self.config.cvm.log;
@@ -554,6 +639,9 @@ impl Manager {
             if let Some(exit) = exit {
                 for mut p in std::mem::take(&mut vm.procs) {
                     p.kill_and_wait(Duration::from_secs(2));
+                }
+                if let (Some(tap), Some(b)) = (vm.tap.take(), &self.bridge) {
+                    b.remove_port(&tap.ifname);
                 }
                 vm.state.processes.clear();
                 vm.state.exited_at_ms = Some(now_ms());

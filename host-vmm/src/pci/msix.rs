@@ -22,13 +22,21 @@ pub const MSG_CTRL_FUNCTION_MASK: u16 = 1 << 14;
 pub enum MsixError {
     #[error("out of GSIs for MSI-X vectors")]
     NoGsi,
+    #[error("GSI {0} is not an IOAPIC pin (0..24)")]
+    NotAPin(u32),
     #[error("creating an irqfd eventfd: {0}")]
     EventFd(std::io::Error),
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
 }
 
-/// Owns the VM's GSI routing table: the default irqchip routes plus one MSI route per active vector.
+/// Owns the VM's GSI routing table (`KVM_SET_GSI_ROUTING` replaces all of it, so exactly one owner may set
+/// it): the routes of GSIs below [`IOAPIC_PINS`] plus one MSI route per active MSI-X vector above them.
+///
+/// - In-kernel irqchip ([`GsiRouter::new`]): GSIs 0..24 are KVM's default PIC/IOAPIC pin routes.
+/// - Split irqchip ([`GsiRouter::for_split_irqchip`], TDs): KVM rejects irqchip routes; GSIs 0..24 carry the
+///   userspace IOAPIC's redirection table as MSI routes, which it hands over with
+///   [`GsiRouter::set_ioapic_routes`] whenever the table changes.
 pub struct GsiRouter {
     vm: Arc<dyn Vm>,
     inner: Mutex<RouterState>,
@@ -36,6 +44,8 @@ pub struct GsiRouter {
 
 struct RouterState {
     next_gsi: u32,
+    /// The routes of GSIs below [`IOAPIC_PINS`].
+    pins: Vec<IrqRoute>,
     msi: BTreeMap<u32, IrqRoute>,
 }
 
@@ -43,14 +53,47 @@ struct RouterState {
 const MAX_GSI: u32 = 4096;
 
 impl GsiRouter {
+    /// For a VM with KVM's in-kernel irqchip.
     pub fn new(vm: Arc<dyn Vm>) -> Self {
+        Self::with_pin_routes(vm, default_irqchip_routes())
+    }
+
+    /// For a VM with a split irqchip: no pin routes until the IOAPIC sets them.
+    pub fn for_split_irqchip(vm: Arc<dyn Vm>) -> Self {
+        Self::with_pin_routes(vm, Vec::new())
+    }
+
+    fn with_pin_routes(vm: Arc<dyn Vm>, pins: Vec<IrqRoute>) -> Self {
         Self {
             vm,
             inner: Mutex::new(RouterState {
                 next_gsi: IOAPIC_PINS,
+                pins,
                 msi: BTreeMap::new(),
             }),
         }
+    }
+
+    /// Replaces the routes of the IOAPIC pins (split irqchip); pushes the merged table to KVM on change.
+    /// Routes outside GSIs 0..24 are refused, so they cannot shadow an MSI-X vector.
+    pub fn set_ioapic_routes(&self, routes: &[IrqRoute]) -> Result<(), MsixError> {
+        if let Some(r) = routes.iter().find(|r| r.gsi() >= IOAPIC_PINS) {
+            return Err(MsixError::NotAPin(r.gsi()));
+        }
+        let mut s = self.lock();
+        if s.pins == routes {
+            return Ok(());
+        }
+        s.pins = routes.to_vec();
+        self.push(&s)
+    }
+
+    /// The table KVM gets: pin routes, then the MSI-X routes in GSI order.
+    fn push(&self, s: &RouterState) -> Result<(), MsixError> {
+        let mut table = s.pins.clone();
+        table.extend(s.msi.values().copied());
+        self.vm.set_gsi_routing(&table)?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
@@ -87,10 +130,7 @@ impl GsiRouter {
             Some(r) => s.msi.insert(gsi, r),
             None => s.msi.remove(&gsi),
         };
-        let mut table = default_irqchip_routes();
-        table.extend(s.msi.values().copied());
-        self.vm.set_gsi_routing(&table)?;
-        Ok(())
+        self.push(&s)
     }
 }
 

@@ -5,9 +5,9 @@
 //! 2. Parse the firmware's TDVF metadata and build the TD HOB with the `measurements` crate (the same code
 //!    that predicts MRTD and RTMR0), so the bytes the firmware gets are the bytes the prediction hashes.
 //! 3. `KVM_CREATE_VM(KVM_X86_TDX_VM)`; check guest_memfd / private memory attributes / vCPU limit; split
-//!    irqchip (TDX requires the IOAPIC in userspace); `KVM_TDX_CAPABILITIES`; `KVM_TDX_INIT_VM` with attributes,
-//!    XFAM, CPUID filtered by the capabilities (with the GPAW in leaf 0x80000008) and
-//!    MRCONFIGID/MROWNER/MROWNERCONFIG from the config.
+//!    irqchip (TDX requires the IOAPIC in userspace); `KVM_CAP_EXIT_HYPERCALL` so MapGPA reaches us;
+//!    `KVM_TDX_CAPABILITIES`; `KVM_TDX_INIT_VM` with attributes, XFAM, CPUID filtered by the capabilities
+//!    (with the GPAW in leaf 0x80000008) and MRCONFIGID/MROWNER/MROWNERCONFIG from the config.
 //! 4. Memory: guest RAM (`[0, min(mem, 3 GiB))` and the rest from 4 GiB) plus the firmware just below 4 GiB,
 //!    each a `KVM_SET_USER_MEMORY_REGION2` slot backed by one guest_memfd (private) and an anonymous mapping
 //!    (shared), all marked `PRIVATE`.
@@ -28,8 +28,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use super::params::{self, ATTR_SEPT_VE_DISABLE, GPAW_48, ParamsError};
 use crate::hypervisor::tdx::{
-    CAP_GUEST_MEMFD, CAP_MAX_VCPUS, CAP_MEMORY_ATTRIBUTES, CAP_USER_MEMORY2, GuestMemfd, MEMORY_ATTRIBUTE_PRIVATE,
-    PrivateMemoryRegion, TdxCapabilities, TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm, VM_TYPE_TDX,
+    CAP_GUEST_MEMFD, CAP_MAX_VCPUS, CAP_MEMORY_ATTRIBUTES, CAP_USER_MEMORY2, GuestMemfd, HC_MAP_GPA_RANGE,
+    MEMORY_ATTRIBUTE_PRIVATE, PrivateMemoryRegion, TdxCapabilities, TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm,
+    VM_TYPE_TDX,
 };
 use crate::hypervisor::{HypervisorError, IOAPIC_PINS};
 
@@ -312,6 +313,9 @@ pub fn launch(hv_: &dyn TdxHypervisor, cfg: &TdxConfig<'_>) -> Result<LaunchedTd
     }
     vm.enable_split_irqchip(IOAPIC_PINS)
         .map_err(hv("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+    // Without this, KVM answers the guest's MapGPA (private <-> shared conversion) with "unsupported".
+    vm.enable_exit_hypercall(1 << HC_MAP_GPA_RANGE)
+        .map_err(hv("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)"))?;
 
     let caps = vm.tdx_capabilities().map_err(hv("KVM_TDX_CAPABILITIES"))?;
     let init_vm = TdxInitVm {

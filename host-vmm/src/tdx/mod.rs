@@ -2,8 +2,10 @@
 //! [`crate::hypervisor::tdx`]:
 //! - [`params`]: TD attributes, XFAM and the INIT_VM CPUID derived from the host's TDX capabilities;
 //! - [`launch`]: the launch sequence up to `KVM_TDX_FINALIZE_VM`;
+//! - [`mr_config`]: the MRCONFIGID binding a TD to its app configuration;
 //! - [`fw_cfg`]: the QEMU-compatible fw_cfg device OVMF reads for direct kernel boot;
 //! - [`quote`]: the GetQuote TDVMCALL forwarded to Intel's quote generation service;
+//! - [`devices`]: virtio-pci devices on shared memory, MSI-X routes merged with the IOAPIC's;
 //! - [`exits`]: the TD-specific vCPU exits (GetQuote TDVMCALL, private/shared conversions);
 //! - [`run`]: booting a TD with OVMF direct boot and running its vCPUs.
 //!
@@ -11,14 +13,22 @@
 //! this VMM hands to KVM and the firmware is by construction what `dstack-measure` predicts; the tests check it
 //! against the recording fake with Debian's OVMF.
 
+pub mod cli;
+pub mod devices;
 pub mod exits;
 pub mod fw_cfg;
 pub mod launch;
+pub mod mr_config;
 pub mod params;
 pub mod quote;
 pub mod run;
+pub mod shared_mem;
 
 pub use launch::{LaunchedTd, TdLayout, TdxConfig, TdxError, check_host, launch};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+#[cfg(test)]
+mod tests_devices;
+#[cfg(test)]
+mod tests_run;

@@ -2,9 +2,14 @@
 //! ACPI power-management port, and run the vCPUs with the ordinary exit dispatch plus the TD exits
 //! ([`exits::handle`]).
 //!
-//! Limits (see `docs/tdx-host.md`): the split irqchip has no userspace IOAPIC yet, so only the serial
-//! *output* works (no serial interrupts), and no virtio devices are attached — enough to watch OVMF and the
-//! kernel boot on a TDX host, not to run the full dstack guest.
+//! Interrupts: KVM runs the LAPICs (split irqchip); the IOAPIC is ours ([`crate::devices::ioapic`]) at its
+//! architectural MMIO address, delivering through `KVM_SIGNAL_MSI`. The UART's interrupt eventfd drives pin 4.
+//! Virtio-pci devices ([`super::devices`]) raise MSI-X through irqfds; one [`crate::pci::msix::GsiRouter`]
+//! merges their routes with the IOAPIC's into the VM's routing table.
+//!
+//! Devices only ever see the shared memory ([`TdMemory`] as their device memory).
+//!
+//! Limit (see `docs/tdx-host.md`): no ACPI power button (control socket) for TDs.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -13,17 +18,21 @@ use std::time::Duration;
 use dstack_measurements::predict::VmShape;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::exits;
+use super::devices::{TdDeviceError, TdIrqSink, attach_pci, td_router};
+use super::exits::{self, TdExitContext};
 use super::fw_cfg::{self, DirectBoot};
 use super::launch::{TdxConfig, TdxError, launch};
 use super::quote::QuoteService;
-use crate::devices::acpi_pm::{ACPI_PM_LEN, AcpiPm};
+use super::shared_mem::TdMemory;
+use crate::devices::acpi_pm::{ACPI_PM_LEN, AcpiPm, PM1_EVT_PORT, PM1_LEN, Pm1};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
+use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, Ioapic, spawn_line_forwarder};
 use crate::devices::serial::{COM1_BASE, COM1_LEN, SerialDevice, SerialSink};
 use crate::devices::{Bus, BusError};
-use crate::hypervisor::tdx::{EXIT_MEMORY_FAULT, EXIT_TDX, TdxHypervisor, TdxVcpu, TdxVm};
+use crate::hypervisor::tdx::{TdxHypervisor, TdxVcpu, TdxVm};
 use crate::hypervisor::{Vcpu, VcpuExit};
 use crate::vcpu::{RunShared, Step, VcpuDiagnostics, VmExit, handle_exit};
+use crate::vmm::DeviceConfig;
 
 /// Why a TD could not be booted (before any vCPU ran).
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +43,32 @@ pub enum BootError {
     FwCfg(#[from] fw_cfg::FwCfgError),
     #[error("devices: {0}")]
     Bus(#[from] BusError),
+    #[error("virtio devices: {0}")]
+    Devices(#[from] TdDeviceError),
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("spawning a vCPU thread: {0}")]
+    #[error("spawning a thread: {0}")]
     Thread(std::io::Error),
 }
 
-/// Boots `boot` as a TD per `cfg` and runs it until it powers off, resets, crashes or `timeout` passes.
+/// ISA IRQ of COM1 (identity-mapped to IOAPIC pin 4: our MADT has no override for it).
+const COM1_PIN: usize = 4;
+
+/// Everything a TD vCPU thread shares besides the ordinary run state.
+pub struct TdRunContext {
+    pub vm: Arc<dyn TdxVm>,
+    pub mem: Arc<TdMemory>,
+    pub qgs: Option<Arc<dyn QuoteService>>,
+    pub ioapic: Arc<Mutex<Ioapic>>,
+}
+
+/// Boots `boot` as a TD per `cfg`, with the virtio devices `devices` asks for, and runs it until it powers off,
+/// resets, crashes or `timeout` passes.
 pub fn boot_td(
     hv: &dyn TdxHypervisor,
     cfg: &TdxConfig<'_>,
     boot: &DirectBoot<'_>,
+    devices: &DeviceConfig,
     sink: SerialSink,
     qgs: Option<Arc<dyn QuoteService>>,
     timeout: Option<Duration>,
@@ -57,9 +81,19 @@ pub fn boot_td(
         },
     )?;
     let td = launch(hv, cfg)?;
+    let mem = Arc::new(TdMemory::new(td.shared_memory.clone()));
+    let router = td_router(&td.vm);
 
-    // No IOAPIC in the kernel (split irqchip) and none in userspace yet: the UART's interrupt goes nowhere.
+    // The MADT gives the IOAPIC the APIC ID after the vCPUs'.
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(
+        cfg.vcpus as u8,
+        Arc::new(TdIrqSink {
+            vm: td.vm.clone(),
+            router: router.clone(),
+        }),
+    )));
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BootError::EventFd)?;
+    let irq_line = irq.try_clone().map_err(BootError::EventFd)?;
     let mut pio = Bus::new();
     pio.insert(
         "serial0",
@@ -80,16 +114,36 @@ pub fn boot_td(
         ACPI_PM_LEN,
         Arc::new(Mutex::new(AcpiPm)),
     )?;
-    let shared = Arc::new(RunShared::new(pio, Bus::new(), td.shared_memory.clone()));
+    // OVMF on the Cloud Hypervisor host bridge (see `devices`) times its delays with the PM timer at 0x608,
+    // inside this block. The TD's ACPI tables stay hardware-reduced (they do not point the OS here), so this
+    // changes no measured byte; without an SCI the power button is not served (docs/tdx-host.md).
+    pio.insert(
+        "acpi-pm1",
+        PM1_EVT_PORT.into(),
+        PM1_LEN,
+        Arc::new(Mutex::new(Pm1::new(None))),
+    )?;
+    let mut mmio = Bus::new();
+    mmio.insert("ioapic", IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())?;
+    attach_pci(&td.vm, &router, &mem, cfg.memory_bytes, devices, &mut pio, &mut mmio)?;
+    let shared = Arc::new(RunShared::new(pio, mmio, td.shared_memory.clone()));
+    let lines_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lines = spawn_line_forwarder(ioapic.clone(), vec![(irq_line, COM1_PIN)], lines_stop.clone())
+        .map_err(BootError::Thread)?;
+    let ctx = Arc::new(TdRunContext {
+        vm: td.vm.clone(),
+        mem,
+        qgs,
+        ioapic,
+    });
 
     let mut threads = Vec::new();
     for vcpu in td.vcpus {
         let shared = shared.clone();
-        let vm = td.vm.clone();
-        let qgs = qgs.clone();
+        let ctx = ctx.clone();
         let t = std::thread::Builder::new()
             .name(format!("td-vcpu{}", vcpu.id()))
-            .spawn(move || run_td_vcpu(vcpu, &shared, vm.as_ref(), qgs.as_deref()))
+            .spawn(move || run_td_vcpu(vcpu, &shared, &ctx))
             .map_err(BootError::Thread)?;
         threads.push(t);
     }
@@ -98,6 +152,8 @@ pub fn boot_td(
         // A vCPU blocked in KVM_RUN is not kicked here; it returns at its next exit.
         let _ = t.join();
     }
+    lines_stop.store(true, Ordering::Release);
+    let _ = lines.join();
     // `td.guest_memfd` and the VM fd stay alive until here, after every vCPU thread ended.
     drop(td.guest_memfd);
     Ok(shared.take_outcome().unwrap_or(VmExit::Timeout))
@@ -105,29 +161,33 @@ pub fn boot_td(
 
 /// Runs one TD vCPU until the VM stops: TD exits go to [`exits::handle`], everything else to the ordinary
 /// dispatch (port I/O, MMIO, system events).
-pub fn run_td_vcpu(mut vcpu: Box<dyn TdxVcpu>, shared: &RunShared, vm: &dyn TdxVm, qgs: Option<&dyn QuoteService>) {
+pub fn run_td_vcpu(mut vcpu: Box<dyn TdxVcpu>, shared: &RunShared, ctx: &TdRunContext) {
+    let exit_ctx = TdExitContext {
+        vm: ctx.vm.as_ref(),
+        mem: &ctx.mem,
+        qgs: ctx.qgs.as_deref(),
+        ioapic: Some(&ctx.ioapic),
+    };
     while !shared.stop.load(Ordering::Acquire) {
         // The exit borrows the vCPU; TD exits are served after that borrow ends.
         let step = match vcpu.run() {
-            Ok(VcpuExit::Other { reason, .. }) if reason == EXIT_TDX || reason == EXIT_MEMORY_FAULT => Err(reason),
+            Ok(VcpuExit::Other { reason, .. }) if exits::is_td_exit(reason) => Err(reason),
             Ok(exit) => Ok(handle_exit(shared, exit)),
             Err(e) => Ok(Step::Die {
                 reason: e.to_string(),
                 triple: false,
             }),
         };
-        let step = step.unwrap_or_else(
-            |reason| match exits::handle(reason, vm, vcpu.as_mut(), &shared.mem, qgs) {
-                Ok(done) => {
-                    tracing::debug!(vcpu = vcpu.id(), ?done, "TD exit");
-                    Step::Continue
-                }
-                Err(e) => Step::Die {
-                    reason: format!("TD exit {reason}: {e}"),
-                    triple: false,
-                },
+        let step = step.unwrap_or_else(|reason| match exits::handle(reason, vcpu.as_mut(), &exit_ctx) {
+            Ok(done) => {
+                tracing::debug!(vcpu = vcpu.id(), ?done, "TD exit");
+                Step::Continue
+            }
+            Err(e) => Step::Die {
+                reason: format!("TD exit {reason}: {e}"),
+                triple: false,
             },
-        );
+        });
         match step {
             Step::Continue => {}
             Step::Stop(exit) => {

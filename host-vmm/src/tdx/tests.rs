@@ -38,7 +38,7 @@ fn e(function: u32, index: u32, regs: [u32; 4]) -> CpuIdEntry {
 
 /// A fake TDX host: KVM supports the default, SW-protected and TDX VM types; the module allows DEBUG and
 /// SEPT_VE_DISABLE, XFAM 0x602e7, and lets userspace configure a few bits of leaves 1 and 7.
-fn fake_tdx_host() -> FakeHypervisor {
+pub(crate) fn fake_tdx_host() -> FakeHypervisor {
     let host_cpuid = vec![
         e(0, 0, [0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
         e(1, 0, [0x806f8, 0x0001_0800, 0xfffa_3203, 0x1f8b_fbff]),
@@ -72,7 +72,7 @@ fn fake_tdx_host() -> FakeHypervisor {
 
 /// A 64 KiB TDVF image found through the legacy pointer at `len - 0x20`: CFV (4 pages, not measured) at the
 /// bottom, BFV (8 pages, MR_EXTEND) at the top, TD_HOB and TEMP_MEM in low RAM, and a PAGE_AUG section.
-fn synthetic_tdvf() -> Vec<u8> {
+pub(crate) fn synthetic_tdvf() -> Vec<u8> {
     const LEN: usize = 0x1_0000;
     let mut fw: Vec<u8> = (0..LEN).map(|i| (i * 7 + 3) as u8).collect();
     let base = FOUR_GIB - LEN as u64;
@@ -198,6 +198,7 @@ fn synthetic_firmware_launch_sequence_and_mrtd() {
         "CheckExtension",
         "CheckExtension",
         "EnableSplitIrqchip",
+        "EnableExitHypercall",
         "Capabilities",
         "InitVm",
         "CreateGuestMemfd",
@@ -223,6 +224,8 @@ fn synthetic_firmware_launch_sequence_and_mrtd() {
 
     let tdx = tdx_calls(&calls);
     assert!(tdx.contains(&&TdxCall::EnableSplitIrqchip { ioapic_pins: 24 }));
+    // MapGPA (hypercall 12, KVM_HC_MAP_GPA_RANGE) is forwarded to the VMM.
+    assert!(tdx.contains(&&TdxCall::EnableExitHypercall { mask: 1 << 12 }));
     // RAM slot then the firmware slot right below 4 GiB, one guest_memfd with consecutive offsets, all private.
     let regions: Vec<_> = tdx
         .iter()
@@ -517,165 +520,4 @@ fn real_kvm_without_tdx_reports_a_clear_error() {
         // A TDX host gets past the capability check (and then needs the real firmware to go further).
         other => assert_ne!(types & (1 << 5), 0, "unexpected result on a non-TDX host: {other:?}"),
     }
-}
-
-#[test]
-fn td_exits_serve_get_quote_and_conversions() {
-    use vm_memory::{Bytes, GuestAddress};
-
-    use super::exits::{TdExit, handle};
-    use super::quote::{STATUS_QGS_UNAVAILABLE, TDVMCALL_SUCCESS};
-    use crate::hypervisor::VcpuExit;
-    use crate::hypervisor::fake::ScriptedExit;
-    use crate::hypervisor::tdx::{MemoryFault, TdxVmcall};
-
-    let fw = synthetic_tdvf();
-    let hv = fake_tdx_host();
-    let mut td = launch(&hv, &TdxConfig::new(&fw, 256 << 20, 1)).unwrap();
-    // The guest's GetQuote buffer (two shared pages) with a 1 KiB TDREPORT.
-    let mut request = Vec::new();
-    request.extend_from_slice(&1u64.to_le_bytes());
-    request.extend_from_slice(&0u64.to_le_bytes());
-    request.extend_from_slice(&1024u32.to_le_bytes());
-    request.extend_from_slice(&0u32.to_le_bytes());
-    request.extend_from_slice(&[0x42; 1024]);
-    td.shared_memory.write_slice(&request, GuestAddress(0x10_0000)).unwrap();
-    hv.script(
-        0,
-        [
-            ScriptedExit::TdxVmcall(TdxVmcall {
-                nr: 0x10002,
-                data: [0x10_0000, 0x2000, 0, 0, 0],
-            }),
-            ScriptedExit::MemoryFault(MemoryFault {
-                gpa: 0x20_0000,
-                size: 0x1000,
-                private: false,
-            }),
-            ScriptedExit::TdxVmcall(TdxVmcall {
-                nr: 0x10004,
-                data: [32, 0, 0, 0, 0],
-            }),
-        ],
-    );
-    let before = hv.calls().len();
-    let mut results = Vec::new();
-    for _ in 0..3 {
-        let vcpu = &mut td.vcpus[0];
-        let reason = match vcpu.run().unwrap() {
-            VcpuExit::Other { reason, .. } => reason,
-            other => panic!("unexpected exit {other:?}"),
-        };
-        results.push(handle(reason, td.vm.as_ref(), vcpu.as_mut(), &td.shared_memory, None).unwrap());
-    }
-    assert_eq!(
-        results,
-        [
-            TdExit::GetQuote { ret: TDVMCALL_SUCCESS },
-            TdExit::Converted {
-                gpa: 0x20_0000,
-                size: 0x1000,
-                private: false
-            },
-            TdExit::UnservedVmcall { nr: 0x10004 },
-        ]
-    );
-    // No QGS configured: the guest sees QGS_UNAVAILABLE in the buffer's status.
-    let status: u64 = td.shared_memory.read_obj(GuestAddress(0x10_0008)).unwrap();
-    assert_eq!(status, STATUS_QGS_UNAVAILABLE);
-    let after: Vec<Call> = hv.calls()[before..]
-        .iter()
-        .filter(|c| matches!(c, Call::Tdx(_)))
-        .cloned()
-        .collect();
-    assert_eq!(
-        after,
-        [
-            Call::Tdx(TdxCall::VmcallRet {
-                vcpu: 0,
-                ret: TDVMCALL_SUCCESS
-            }),
-            Call::Tdx(TdxCall::SetMemoryAttributes {
-                address: 0x20_0000,
-                size: 0x1000,
-                attributes: 0
-            }),
-        ]
-    );
-    let vcpu = &mut td.vcpus[0];
-    assert_eq!(
-        handle(2, td.vm.as_ref(), vcpu.as_mut(), &td.shared_memory, None).unwrap(),
-        TdExit::NotTdx
-    );
-}
-
-#[test]
-fn boot_td_runs_firmware_io_and_td_exits() {
-    use std::sync::{Arc, Mutex};
-
-    use super::fw_cfg::DirectBoot;
-    use super::quote::TDVMCALL_INVALID_OPERAND;
-    use super::run::boot_td;
-    use crate::devices::serial::SerialSink;
-    use crate::hypervisor::SystemEventKind;
-    use crate::hypervisor::fake::ScriptedExit;
-    use crate::hypervisor::tdx::TdxVmcall;
-    use crate::vcpu::VmExit;
-
-    let fw = synthetic_tdvf();
-    let mut kernel = vec![0u8; 0x3000];
-    kernel[0x1f1] = 3;
-    kernel[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    kernel[0x211] = 0x01;
-    let hv = fake_tdx_host();
-    hv.script(
-        0,
-        [
-            // OVMF-style fw_cfg probe: select the signature, read 4 bytes.
-            ScriptedExit::IoOut {
-                port: 0x510,
-                data: vec![0, 0],
-            },
-            ScriptedExit::IoIn { port: 0x511, len: 4 },
-            ScriptedExit::IoOut {
-                port: 0x3f8,
-                data: b"h".to_vec(),
-            },
-            ScriptedExit::IoOut {
-                port: 0x3f8,
-                data: b"i".to_vec(),
-            },
-            // A GetQuote on an empty (unversioned) buffer is refused, and the TD keeps running.
-            ScriptedExit::TdxVmcall(TdxVmcall {
-                nr: 0x10002,
-                data: [0x10_0000, 0x1000, 0, 0, 0],
-            }),
-            ScriptedExit::SystemEvent(SystemEventKind::Shutdown),
-        ],
-    );
-    let capture = Arc::new(Mutex::new(Vec::new()));
-    let sink = SerialSink {
-        capture: Some(capture.clone()),
-        ..Default::default()
-    };
-    let boot = DirectBoot {
-        kernel: &kernel,
-        initrd: b"",
-        cmdline: "console=ttyS0",
-    };
-    let cfg = TdxConfig::new(&fw, 256 << 20, 1);
-    let outcome = boot_td(&hv, &cfg, &boot, sink, None, Some(std::time::Duration::from_secs(20))).unwrap();
-    assert!(matches!(outcome, VmExit::PowerOff), "{outcome:?}");
-    assert_eq!(capture.lock().unwrap().as_slice(), b"hi");
-    let calls = hv.calls();
-    assert!(calls.contains(&Call::IoInResult {
-        vcpu: 0,
-        port: 0x511,
-        data: b"QEMU".to_vec()
-    }));
-    assert!(calls.contains(&Call::Tdx(TdxCall::VmcallRet {
-        vcpu: 0,
-        ret: TDVMCALL_INVALID_OPERAND
-    })));
-    assert!(calls.contains(&Call::Tdx(TdxCall::Finalize)));
 }

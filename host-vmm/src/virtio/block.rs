@@ -1,6 +1,7 @@
 //! virtio-blk (§5.2) on a raw image file: read, write (refused on read-only disks), flush and get-id.
-//! Every request is bounds-checked against the disk size; malformed chains complete with an error status (or
-//! with nothing used, when there is not even a status byte to write) and never panic.
+//! Every request is bounds-checked against the disk size; malformed chains — including buffers outside the
+//! memory the device may access, e.g. a TD's private memory — complete with an error status (or with nothing
+//! used, when there is not even an accessible status byte to write) and never panic.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{ActivateContext, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice, VirtioError, Worker, notify_used};
 
@@ -108,11 +109,11 @@ impl Disk {
             tracing::warn!("virtio-blk: request (head {head}) has a readable descriptor after a writable one");
             return 0;
         }
-        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.clone().writer(mem)) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!("virtio-blk: malformed descriptor chain (head {head}): {e}");
-                return 0;
+                return fail_request(&chain, mem);
             }
         };
         let writable = writer.available_bytes();
@@ -221,6 +222,27 @@ impl Disk {
     }
 }
 
+/// A request whose buffers cannot all be accessed: writes `S_IOERR` into the status byte (the last byte of the
+/// last descriptor, if device-writable and accessible) and returns the used length (1, or 0 without one).
+fn fail_request(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    let Some(last) = chain.clone().last() else {
+        return 0;
+    };
+    if !last.is_write_only() || last.len() == 0 {
+        return 0;
+    }
+    let Some(at) = last.addr().0.checked_add(u64::from(last.len()) - 1) else {
+        return 0;
+    };
+    match mem.write_obj(S_IOERR, GuestAddress(at)) {
+        Ok(()) => 1,
+        Err(e) => {
+            tracing::warn!("virtio-blk: cannot write the error status at {at:#x}: {e}");
+            0
+        }
+    }
+}
+
 /// Whether all device-readable descriptors of `chain` precede the device-writable ones (§2.7.4.2).
 pub fn readable_then_writable(chain: &DescriptorChain<&GuestMemoryMmap>) -> bool {
     let mut seen_writable = false;
@@ -302,10 +324,13 @@ impl VirtioDevice for Block {
         let disk = self.disk.clone();
         self.worker = Some(Worker::spawn("virtio-blk", move |kill| {
             super::run_queue_loop("virtio-blk", &kill, &queue_events, |_| {
+                let Some(m) = super::pass_memory("virtio-blk", mem.as_ref(), &queues, interrupt.as_ref()) else {
+                    return;
+                };
                 if let Some(q) = queues.first_mut()
-                    && process_queue(&disk, q, &mem) > 0
+                    && process_queue(&disk, q, &m) > 0
                 {
-                    notify_used(q, &mem, interrupt.as_ref(), 0);
+                    notify_used(q, &m, interrupt.as_ref(), 0);
                 }
             });
         })?);

@@ -214,7 +214,7 @@ fn malformed_chains_do_not_panic() {
         f.run(&disk, &[desc(HDR, 8, false), desc(STATUS, 1, true)]),
         (1, S_IOERR)
     );
-    // A data buffer outside guest memory: the chain is rejected as a whole.
+    // A data buffer outside guest memory: the chain is rejected as a whole, with IOERR in its status byte.
     assert_eq!(
         f.run(
             &disk,
@@ -223,6 +223,14 @@ fn malformed_chains_do_not_panic() {
                 desc(0xffff_0000, 512, true),
                 desc(STATUS, 1, true)
             ]
+        ),
+        (1, S_IOERR)
+    );
+    // …and without an accessible status byte, nothing is written and nothing reported.
+    assert_eq!(
+        f.run(
+            &disk,
+            &[desc(HDR, 16, false), desc(DATA, 512, true), desc(0xffff_0000, 1, true)]
         ),
         (0, 0xee)
     );

@@ -3,6 +3,7 @@
 //! MMIO exit) and raises interrupts through the transport's MSI-X vectors.
 
 pub mod block;
+pub mod memory;
 pub mod net;
 pub mod pci;
 pub mod rng;
@@ -14,6 +15,8 @@ use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+
+pub use memory::{DeviceMem, DeviceMemory, all_memory, pass_memory, rings_accessible};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -56,11 +59,15 @@ pub trait Interrupt: Send + Sync {
     fn queue(&self, index: u16);
     /// The device configuration changed.
     fn config(&self);
+    /// The device hit an error it cannot recover from without a reset (e.g. its rings are no longer in memory
+    /// it may access): the transport sets DEVICE_NEEDS_RESET and tells the driver (§2.1.2).
+    fn needs_reset(&self) {}
 }
 
 /// Everything a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
-    pub mem: GuestMemoryMmap,
+    /// The memory the device may touch; fetch a [`DeviceMem`] per processing pass.
+    pub mem: Arc<dyn DeviceMemory>,
     /// One per queue the device declared, in order; a queue the driver did not enable is not ready.
     pub queues: Vec<Queue>,
     /// Signalled when the driver notifies the queue with the same index.

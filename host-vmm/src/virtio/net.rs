@@ -25,11 +25,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, Interrupt, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice, VirtioError, Worker, notify_used};
+use super::{
+    ActivateContext, DeviceMemory, Interrupt, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice, VirtioError, Worker,
+    notify_used, pass_memory,
+};
 use queue::{RxOutcome, Stats};
 
 /// Largest Ethernet frame we move (64 KiB covers GSO-less jumbo frames; passt's default MTU is 65520).
@@ -297,7 +299,7 @@ const BATCH: usize = 256;
 
 /// The device worker's state: queues, backend and the one frame that may wait for RX buffers.
 pub struct NetWorker {
-    mem: GuestMemoryMmap,
+    mem: Arc<dyn DeviceMemory>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
     interrupt: Arc<dyn Interrupt>,
@@ -343,12 +345,15 @@ impl NetWorker {
         {
             self.backend_failed("write", &e);
         }
+        let Some(mem) = pass_memory("virtio-net", self.mem.as_ref(), &self.queues, self.interrupt.as_ref()) else {
+            return false;
+        };
         let Some(q) = self.queues.get_mut(TXQ) else {
             return false;
         };
         let r = queue::process_tx(
             q,
-            &self.mem,
+            &mem,
             self.backend.as_mut(),
             &mut self.tx_buf,
             &mut self.stats,
@@ -356,7 +361,7 @@ impl NetWorker {
             self.backend_dead,
         );
         if r.completed > 0 {
-            notify_used(q, &self.mem, self.interrupt.as_ref(), TXQ as u16);
+            notify_used(q, &mem, self.interrupt.as_ref(), TXQ as u16);
         }
         if let Some(e) = r.error {
             self.backend_failed("send", &e);
@@ -366,6 +371,9 @@ impl NetWorker {
 
     /// Backend → guest RX. Returns true if more RX work may remain.
     fn rx(&mut self) -> bool {
+        let Some(mem) = pass_memory("virtio-net", self.mem.as_ref(), &self.queues, self.interrupt.as_ref()) else {
+            return false;
+        };
         let Some(q) = self.queues.get_mut(RXQ) else {
             return false;
         };
@@ -389,7 +397,7 @@ impl NetWorker {
             };
             self.pending = None;
             let frame = self.rx_buf.get(..len).unwrap_or_default();
-            match queue::deliver_rx(q, &self.mem, frame, self.mrg_rxbuf, &mut self.stats) {
+            match queue::deliver_rx(q, &mem, frame, self.mrg_rxbuf, &mut self.stats) {
                 RxOutcome::Delivered { .. } => used = true,
                 RxOutcome::Dropped { used_chains } => used |= used_chains > 0,
                 RxOutcome::NoBuffers => {
@@ -400,7 +408,7 @@ impl NetWorker {
             moved += 1;
         }
         if used {
-            notify_used(q, &self.mem, self.interrupt.as_ref(), RXQ as u16);
+            notify_used(q, &mem, self.interrupt.as_ref(), RXQ as u16);
         }
         // The batch ran out with frames possibly left in the backend.
         moved == BATCH

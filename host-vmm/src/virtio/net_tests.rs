@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::passt::PasstBackend;
 use super::queue::{RxOutcome, Stats, deliver_rx, process_tx};
@@ -374,7 +374,7 @@ fn worker_moves_frames_between_socket_and_rings() {
     let events: Vec<EventFd> = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
     let interrupt = std::sync::Arc::new(CountingInterrupt(AtomicUsize::new(0)));
     dev.activate(ActivateContext {
-        mem: mem.clone(),
+        mem: crate::virtio::all_memory(mem.clone()),
         queues: vec![rxm.create_queue().unwrap(), txm.create_queue().unwrap()],
         queue_events: events.iter().map(|e| e.try_clone().unwrap()).collect(),
         interrupt: interrupt.clone(),

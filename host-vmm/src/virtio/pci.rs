@@ -3,7 +3,7 @@
 //! PCI-configuration access capability. Queue notifications are KVM ioeventfds on the notify addresses
 //! (registered whenever BAR 0 decodes); a notify write that does exit (no ioeventfd) signals the same eventfd.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -11,8 +11,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateContext, Interrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
-    VirtioDevice, VirtioError,
+    ActivateContext, DeviceMemory, Interrupt, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1, VirtioDevice, VirtioError, all_memory,
 };
 use crate::hypervisor::{IoEventAddress, Vm};
 use crate::pci::PciDevice;
@@ -76,6 +76,8 @@ pub enum TransportError {
 /// Interrupt state shared between the transport (vCPU threads) and the device worker.
 struct Shared {
     isr: AtomicU8,
+    /// The device reported an unrecoverable error since the last reset (DEVICE_NEEDS_RESET).
+    needs_reset: AtomicBool,
     msix: Mutex<Msix>,
     vectors: Mutex<Vectors>,
 }
@@ -108,6 +110,12 @@ impl Interrupt for PciInterrupt {
         let v = self.0.vectors.lock().unwrap_or_else(|p| p.into_inner()).config;
         self.0.raise(2, v);
     }
+    fn needs_reset(&self) {
+        // Only the first report interrupts the driver (a configuration change, §4.1.5.5 / §2.1.2).
+        if !self.0.needs_reset.swap(true, Ordering::AcqRel) {
+            self.config();
+        }
+    }
 }
 
 pub struct VirtioPci {
@@ -115,7 +123,7 @@ pub struct VirtioPci {
     cfg: PciConfig,
     device: Box<dyn VirtioDevice>,
     vm: Arc<dyn Vm>,
-    mem: GuestMemoryMmap,
+    mem: Arc<dyn DeviceMemory>,
     shared: Arc<Shared>,
     msix_cap: usize,
     pci_cfg_cap: usize,
@@ -141,12 +149,24 @@ fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPci {
+    /// A device of an ordinary VM: it may access all of `mem`.
     pub fn new(
         name: &str,
         device: Box<dyn VirtioDevice>,
         vm: Arc<dyn Vm>,
         router: Arc<GsiRouter>,
         mem: GuestMemoryMmap,
+    ) -> Result<Self, TransportError> {
+        Self::with_memory(name, device, vm, router, all_memory(mem))
+    }
+
+    /// A device that may access only what `mem` hands out (a TD: its shared memory).
+    pub fn with_memory(
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+        vm: Arc<dyn Vm>,
+        router: Arc<GsiRouter>,
+        mem: Arc<dyn DeviceMemory>,
     ) -> Result<Self, TransportError> {
         let cfg_err = |source| TransportError::Config {
             name: name.into(),
@@ -232,6 +252,7 @@ impl VirtioPci {
             mem,
             shared: Arc::new(Shared {
                 isr: AtomicU8::new(0),
+                needs_reset: AtomicBool::new(false),
                 msix: Mutex::new(msix),
                 vectors: Mutex::new(Vectors {
                     config: NO_VECTOR,
@@ -261,9 +282,14 @@ impl VirtioPci {
         self.shared.vectors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The device status the driver last wrote (with DEVICE_NEEDS_RESET if activation failed).
+    /// The device status the driver last wrote, with DEVICE_NEEDS_RESET if activation failed or the device
+    /// reported an unrecoverable error since.
     pub fn status(&self) -> u8 {
-        self.status
+        if self.shared.needs_reset.load(Ordering::Acquire) {
+            self.status | STATUS_DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn notify_addr(base: u64, queue: usize) -> u64 {
@@ -309,7 +335,7 @@ impl VirtioPci {
         put(&mut c, 0x0c, &drv.to_le_bytes());
         put(&mut c, 0x10, &vectors.config.to_le_bytes());
         put(&mut c, 0x12, &(self.queues.len() as u16).to_le_bytes());
-        c[0x14] = self.status;
+        c[0x14] = self.status();
         c[0x15] = self.config_generation;
         put(&mut c, 0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = q {
@@ -427,9 +453,12 @@ impl VirtioPci {
     }
 
     fn activate(&mut self) -> Result<(), VirtioError> {
+        let mem = self.mem.memory();
         for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                return Err(VirtioError::Backend(format!("queue {i} is enabled but not valid")));
+            if q.ready() && !q.is_valid(&*mem) {
+                return Err(VirtioError::Backend(format!(
+                    "queue {i} is enabled but its rings are not in memory the device may access"
+                )));
             }
         }
         let mut queues = Vec::with_capacity(self.queues.len());
@@ -465,6 +494,7 @@ impl VirtioPci {
             v.queues.iter_mut().for_each(|q| *q = NO_VECTOR);
         }
         self.shared.isr.store(0, Ordering::Release);
+        self.shared.needs_reset.store(false, Ordering::Release);
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;

@@ -80,10 +80,13 @@ impl VirtioDevice for Rng {
         }
         self.worker = Some(Worker::spawn("virtio-rng", move |kill| {
             super::run_queue_loop("virtio-rng", &kill, &queue_events, |_| {
+                let Some(m) = super::pass_memory("virtio-rng", mem.as_ref(), &queues, interrupt.as_ref()) else {
+                    return;
+                };
                 if let Some(q) = queues.first_mut()
-                    && process_queue(q, &mem) > 0
+                    && process_queue(q, &m) > 0
                 {
-                    notify_used(q, &mem, interrupt.as_ref(), 0);
+                    notify_used(q, &m, interrupt.as_ref(), 0);
                 }
             });
         })?);

@@ -180,7 +180,7 @@ fn malformed_metadata_is_an_error() {
 }
 
 /// Stable, bounded mutation fuzzing (dstack-testkit) of the TDVF locators and descriptor parser, seeded with
-/// the synthetic images above and, when present, the local cargo-fuzz corpus (`fuzz/corpus/tdvf`).
+/// the synthetic images above and, when present, the local cargo-fuzz corpus (`../fuzz/corpus/tdvf`, the top-level cargo-fuzz crate).
 #[test]
 fn mutated_firmware_never_panics() {
     let mut seeds = vec![
@@ -188,7 +188,7 @@ fn mutated_firmware_never_panics() {
         fw_with_legacy_pointer(true),
         fw_with_legacy_pointer(false),
     ];
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tdvf");
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/tdvf");
     seeds.extend(dstack_testkit::load_dir(&corpus, 150, 64 * 1024));
     let r = dstack_testkit::run(
         "tdvf",

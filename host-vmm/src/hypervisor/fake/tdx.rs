@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use super::{Call, FakeHypervisor, FakeVcpu, FakeVm, ScriptedExit};
 use crate::hypervisor::tdx::{
-    CAP_MAX_VCPUS, GuestMemfd, MEMORY_ATTRIBUTE_PRIVATE, MemoryFault, PrivateMemoryRegion, TdxCapabilities,
-    TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm, TdxVmcall, VM_TYPE_TDX,
+    CAP_MAX_VCPUS, GuestMemfd, MEMORY_ATTRIBUTE_PRIVATE, MapGpaRange, MemoryFault, PrivateMemoryRegion,
+    TdxCapabilities, TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm, TdxVmcall, VM_TYPE_TDX,
 };
 use crate::hypervisor::{CpuIdEntry, HypervisorError, Result};
 
@@ -77,6 +77,20 @@ pub enum TdxCall {
         vcpu: u32,
         ret: u64,
     },
+    /// `KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`.
+    EnableExitHypercall {
+        mask: u64,
+    },
+    /// `KVM_SIGNAL_MSI`.
+    SignalMsi {
+        address: u64,
+        data: u32,
+    },
+    /// The result the VMM gave a `KVM_EXIT_HYPERCALL`.
+    HypercallRet {
+        vcpu: u32,
+        ret: u64,
+    },
 }
 
 /// What the fake TDX host reports.
@@ -105,6 +119,14 @@ pub(super) struct TdState {
     /// Private ranges `[start, end)`.
     private: Vec<(u64, u64)>,
     added_pages: BTreeSet<u64>,
+    exit_hypercall_mask: u64,
+}
+
+impl TdState {
+    /// `KVM_CAP_SPLIT_IRQCHIP` was enabled.
+    pub(super) fn split_irqchip(&self) -> bool {
+        self.split_irqchip
+    }
 }
 
 fn reject(what: impl Into<String>) -> HypervisorError {
@@ -334,6 +356,30 @@ impl TdxVm for FakeVm {
             Ok(())
         })
     }
+
+    fn enable_exit_hypercall(&self, mask: u64) -> Result<()> {
+        self.td_call(TdxCall::EnableExitHypercall { mask }, |td, _| {
+            // KVM_CAP_EXIT_HYPERCALL accepts only hypercalls it knows how to forward (KVM_EXIT_HYPERCALL_VALID_MASK
+            // is MAP_GPA_RANGE alone).
+            if mask & !(1 << crate::hypervisor::tdx::HC_MAP_GPA_RANGE) != 0 {
+                return Err(reject(format!("KVM_CAP_EXIT_HYPERCALL mask {mask:#x}")));
+            }
+            td.exit_hypercall_mask = mask;
+            Ok(())
+        })
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.td_call(TdxCall::SignalMsi { address, data }, |td, _| {
+            // The LAPIC lives in the kernel only once the split irqchip is on; the MSI window is 0xFEExxxxx.
+            if !td.split_irqchip || address >> 20 != 0xfee {
+                return Err(reject(format!(
+                    "KVM_SIGNAL_MSI to {address:#x} without a split irqchip/LAPIC"
+                )));
+            }
+            Ok(())
+        })
+    }
 }
 
 impl FakeVcpu {
@@ -447,6 +493,33 @@ impl TdxVcpu for FakeVcpu {
     fn memory_fault(&mut self) -> Option<MemoryFault> {
         match self.last_exit {
             Some(ScriptedExit::MemoryFault(fault)) => Some(fault),
+            _ => None,
+        }
+    }
+
+    fn map_gpa_range(&mut self) -> Option<MapGpaRange> {
+        let masked_in = self.hv.lock().td.exit_hypercall_mask & (1 << crate::hypervisor::tdx::HC_MAP_GPA_RANGE) != 0;
+        match self.last_exit {
+            // Like KVM: without the capability bit the guest's MapGPA never reaches userspace.
+            Some(ScriptedExit::MapGpa(range)) if masked_in => Some(range),
+            _ => None,
+        }
+    }
+
+    fn set_hypercall_ret(&mut self, ret: u64) -> Result<()> {
+        let id = self.id;
+        let pending = matches!(self.last_exit, Some(ScriptedExit::MapGpa(_)));
+        self.td_call(TdxCall::HypercallRet { vcpu: id, ret }, |_| {
+            if !pending {
+                return Err(reject("hypercall result without a KVM_EXIT_HYPERCALL"));
+            }
+            Ok(())
+        })
+    }
+
+    fn ioapic_eoi(&mut self) -> Option<u8> {
+        match self.last_exit {
+            Some(ScriptedExit::IoapicEoi(vector)) => Some(vector),
             _ => None,
         }
     }

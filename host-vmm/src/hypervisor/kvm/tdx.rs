@@ -17,8 +17,9 @@ use super::tdx_uapi::{
 };
 use super::{KvmHypervisor, KvmVcpu, KvmVm, ioctl_err};
 use crate::hypervisor::tdx::{
-    GuestMemfd, MemoryFault, PrivateMemoryRegion, TdxCapabilities, TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm, TdxVmcall,
-    VM_TYPE_TDX,
+    CAP_EXIT_HYPERCALL, EXIT_HYPERCALL, EXIT_IOAPIC_EOI, GuestMemfd, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED,
+    MapGpaRange, MemoryFault, PrivateMemoryRegion, TdxCapabilities, TdxHypervisor, TdxInitVm, TdxVcpu, TdxVm,
+    TdxVmcall, VM_TYPE_TDX,
 };
 use crate::hypervisor::{CpuIdEntry, HypervisorError, Result};
 
@@ -51,6 +52,21 @@ fn tdx_op(fd: &impl AsRawFd, op: &'static str, id: u32, flags: u32, data: u64) -
             source: std::io::Error::last_os_error(),
             hw_error: cmd.hw_error,
         });
+    }
+    Ok(())
+}
+
+/// `KVM_ENABLE_CAP` on a VM fd with one argument.
+fn enable_cap(fd: &impl AsRawFd, op: &'static str, cap: u32, arg0: u64) -> Result<()> {
+    let cap = KvmEnableCap {
+        cap,
+        args: [arg0, 0, 0, 0],
+        ..Default::default()
+    };
+    // SAFETY: `fd` is a VM fd; `cap` is a valid `struct kvm_enable_cap` the kernel only reads.
+    let ret = unsafe { ioctl_with_ref(fd, KVM_ENABLE_CAP, &cap) };
+    if ret < 0 {
+        return Err(last_os_error(op));
     }
     Ok(())
 }
@@ -123,16 +139,32 @@ impl TdxVm for KvmVm {
     }
 
     fn enable_split_irqchip(&self, ioapic_pins: u32) -> Result<()> {
-        let cap = KvmEnableCap {
-            cap: KVM_CAP_SPLIT_IRQCHIP,
-            args: [u64::from(ioapic_pins), 0, 0, 0],
+        enable_cap(
+            &self.fd,
+            "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)",
+            KVM_CAP_SPLIT_IRQCHIP,
+            u64::from(ioapic_pins),
+        )
+    }
+
+    fn enable_exit_hypercall(&self, mask: u64) -> Result<()> {
+        enable_cap(
+            &self.fd,
+            "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)",
+            CAP_EXIT_HYPERCALL,
+            mask,
+        )
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
             ..Default::default()
         };
-        // SAFETY: VM fd; `cap` is a valid `struct kvm_enable_cap` the kernel only reads.
-        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_ENABLE_CAP, &cap) };
-        if ret < 0 {
-            return Err(last_os_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"));
-        }
+        // 0: the interrupt was blocked (e.g. masked at the LAPIC), which is not an error for the sender.
+        self.fd.signal_msi(msi).map_err(ioctl_err("KVM_SIGNAL_MSI"))?;
         Ok(())
     }
 
@@ -346,5 +378,62 @@ impl TdxVcpu for KvmVcpu {
             size: fault.size,
             private: fault.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE != 0,
         })
+    }
+
+    fn map_gpa_range(&mut self) -> Option<MapGpaRange> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != EXIT_HYPERCALL {
+            return None;
+        }
+        // SAFETY: KVM_RUN returned with KVM_EXIT_HYPERCALL, so `hypercall` is the union member KVM filled in; it
+        // holds plain integers (any bit pattern is valid).
+        let hc = unsafe { run.__bindgen_anon_1.hypercall };
+        (hc.nr == HC_MAP_GPA_RANGE).then_some(MapGpaRange {
+            gpa: hc.args[0],
+            pages: hc.args[1],
+            private: hc.args[2] & MAP_GPA_RANGE_ENCRYPTED != 0,
+        })
+    }
+
+    fn set_hypercall_ret(&mut self, ret: u64) -> Result<()> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != EXIT_HYPERCALL {
+            return Err(HypervisorError::Invalid(format!(
+                "hypercall result without a KVM_EXIT_HYPERCALL (exit reason {})",
+                run.exit_reason
+            )));
+        }
+        // Writing a Copy field of a union is safe; KVM reads `hypercall.ret` back on the next KVM_RUN.
+        run.__bindgen_anon_1.hypercall.ret = ret;
+        Ok(())
+    }
+
+    fn ioapic_eoi(&mut self) -> Option<u8> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != EXIT_IOAPIC_EOI {
+            return None;
+        }
+        // SAFETY: the exit reason says `eoi` is the member KVM filled in; a u8 has no invalid values.
+        Some(unsafe { run.__bindgen_anon_1.eoi.vector })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::hypervisor::tdx::{
+        CAP_EXIT_HYPERCALL, EXIT_HYPERCALL, EXIT_IOAPIC_EOI, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED,
+    };
+
+    /// The split-irqchip / MapGPA numbers against kvm-bindings (bindgen output of the uapi headers) and, for the
+    /// two kvm_para.h values kvm-bindings lacks, against linux-libc-dev 6.1's `linux/kvm_para.h`
+    /// (`KVM_HC_MAP_GPA_RANGE 12`) and `asm/kvm_para.h` (`KVM_MAP_GPA_RANGE_ENCRYPTED (1 << 4)`).
+    #[test]
+    fn exit_and_cap_numbers_match_uapi() {
+        assert_eq!(EXIT_HYPERCALL, kvm_bindings::KVM_EXIT_HYPERCALL);
+        assert_eq!(EXIT_IOAPIC_EOI, kvm_bindings::KVM_EXIT_IOAPIC_EOI);
+        assert_eq!(CAP_EXIT_HYPERCALL, kvm_bindings::KVM_CAP_EXIT_HYPERCALL);
+        assert_eq!(HC_MAP_GPA_RANGE, 12);
+        assert_eq!(MAP_GPA_RANGE_ENCRYPTED, 0x10);
+        assert_eq!(std::mem::size_of::<kvm_bindings::kvm_msi>(), 32);
     }
 }

@@ -176,7 +176,9 @@ fn run(mut muxer: Muxer, ctx: ActivateContext, kill: &EventFd) {
     };
     let mut ready = [EpollEvent::default(); 32];
     loop {
-        step(&mut muxer, &mut queues, &mem, interrupt.as_ref());
+        if let Some(m) = super::pass_memory("virtio-vsock", mem.as_ref(), &queues, interrupt.as_ref()) {
+            step(&mut muxer, &mut queues, &m, interrupt.as_ref());
+        }
         host.sync(&epoll, &muxer);
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
