@@ -16,7 +16,7 @@ use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgBackend, WgErro
 use dstack_gateway::routing::RoutingTable;
 use dstack_gateway::rpc_tls::RpcTls;
 use dstack_gateway::sync::SameAppServerVerifier;
-use dstack_guest_agent::simulate::{SimulateOptions, run_simulator};
+use dstack_guest_agent::simulate::{BackgroundSimulator, SimulateOptions};
 use dstack_measurements::sim::SimRootPin;
 use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, parse_cert};
 use dstack_rpc::agent::{DstackGuestClient, GetTlsKeyArgs};
@@ -28,23 +28,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 const DOMAIN: &str = "gateway.test";
 
+/// A simulated guest agent on its own thread, in a temporary directory (the agent stops before the directory
+/// goes).
 struct RunningAgent {
     socket: PathBuf,
     ready: serde_json::Value,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _sim: BackgroundSimulator,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn start_agent() -> RunningAgent {
@@ -55,35 +45,12 @@ fn start_agent() -> RunningAgent {
         state_dir: Some(dir.path().join("state")),
         app_compose: None,
     };
-    let socket = opts.socket.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(run_simulator(
-            &opts,
-            async move {
-                let _ = stopped.await;
-            },
-            move |line| {
-                let _ = ready_tx.send(line);
-            },
-        ))
-        .unwrap();
-    });
-    let ready = ready_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the simulated agent did not come up");
-    assert_eq!(ready["simulated"], true);
+    let sim = BackgroundSimulator::start(opts, Duration::from_secs(60)).expect("the simulated agent did not come up");
+    assert_eq!(sim.ready()["simulated"], true);
     RunningAgent {
-        socket,
-        ready,
-        stop: Some(stop),
-        thread: Some(thread),
+        socket: sim.socket().to_owned(),
+        ready: sim.ready().clone(),
+        _sim: sim,
         _dir: dir,
     }
 }

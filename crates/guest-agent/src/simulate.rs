@@ -307,6 +307,81 @@ impl SimulateOptions {
     }
 }
 
+/// [`run_simulator`] on its own thread and runtime, for callers that are not async or must not share their
+/// runtime with the agent (tools, tests). Stopped and joined on drop.
+pub struct BackgroundSimulator {
+    socket: PathBuf,
+    ready: serde_json::Value,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), AgentError>>>,
+}
+
+impl BackgroundSimulator {
+    /// Starts the agent and waits (at most `timeout`) until it serves.
+    pub fn start(opts: SimulateOptions, timeout: std::time::Duration) -> Result<Self, AgentError> {
+        let socket = opts.socket.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Internal(format!("agent runtime: {e}")))?;
+            rt.block_on(run_simulator(
+                &opts,
+                async move {
+                    let _ = stopped.await;
+                },
+                move |line| {
+                    let _ = ready_tx.send(line);
+                },
+            ))
+        });
+        match ready_rx.recv_timeout(timeout) {
+            Ok(ready) => Ok(Self {
+                socket,
+                ready,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(thread
+                .join()
+                .map_err(|_| AgentError::Internal("the simulated agent thread panicked".into()))
+                .and_then(|r| r)
+                .err()
+                .unwrap_or_else(|| AgentError::Internal("the simulated agent stopped before serving".into()))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                drop(stop);
+                Err(AgentError::Internal(format!(
+                    "the simulated agent did not serve within {timeout:?}"
+                )))
+            }
+        }
+    }
+
+    /// The dstack API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The ready line: [`SimulationInfo`] plus `socket`, `tappd_socket`, `state_dir`.
+    pub fn ready(&self) -> &serde_json::Value {
+        &self.ready
+    }
+}
+
+impl Drop for BackgroundSimulator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A state directory removed on drop (the fresh-signer case).
 struct TempState(PathBuf);
 
