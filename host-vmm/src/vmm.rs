@@ -19,18 +19,12 @@ use crate::devices::{Bus, BusError};
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::{self, MemoryError};
 use crate::pci::msix::GsiRouter;
-use crate::pci::root::PciAccess;
-use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_SIZE, PciBusDevice, PciLayout, PciRoot};
+use crate::pci::root::attach_to_buses;
+use crate::pci::{ECAM_SIZE, PciLayout, PciRoot};
 use crate::timing::{self, RssReport, boottime_ns};
 use crate::vcpu::{RunShared, UnknownAccess, VmExit, run_vcpu};
-use crate::virtio::VirtioDevice;
-use crate::virtio::block::{Block, Disk};
-use crate::virtio::net::passt::PasstBackend;
-use crate::virtio::net::tap::TapBackend;
-use crate::virtio::net::{Net, NetBackend};
+use crate::virtio::models;
 use crate::virtio::pci::VirtioPci;
-use crate::virtio::rng::Rng;
-use crate::virtio::vsock::Vsock;
 
 /// What to boot and how big.
 #[derive(Debug, Clone)]
@@ -329,56 +323,11 @@ impl Vmm {
     ) -> Result<(), VmmError> {
         let router = Arc::new(GsiRouter::new(vm.clone()));
         let mut root = PciRoot::new(layout);
-        let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-        for (i, d) in devices.disks.iter().enumerate() {
-            models.push((
-                format!("virtio-blk{i}"),
-                Box::new(Block::new(Disk::open(&d.path, d.read_only)?)),
-            ));
-        }
-        if let Some(n) = &devices.net {
-            let backend: Box<dyn NetBackend> = match &n.backend {
-                NetBackendConfig::Passt { socket } => Box::new(PasstBackend::connect(socket, Duration::from_secs(5))?),
-                NetBackendConfig::Tap { ifname, bridge } => Box::new(TapBackend::open(ifname, bridge.as_deref())?),
-            };
-            models.push(("virtio-net".into(), Box::new(Net::new(n.mac, n.mtu, backend)?)));
-        }
-        if let Some(v) = &devices.vsock {
-            models.push(("virtio-vsock".into(), Box::new(Vsock::new(v.cid, v.uds_path.clone())?)));
-        }
-        if devices.rng {
-            models.push(("virtio-rng".into(), Box::new(Rng::default())));
-        }
-        for (name, model) in models {
+        for (name, model) in models::from_config::<VmmError>(devices)? {
             let dev = VirtioPci::new(&name, model, vm.clone(), router.clone(), mem.clone())?;
             root.add_device(&name, Arc::new(Mutex::new(dev)))?;
         }
-        let root = Arc::new(Mutex::new(root));
-        let view = |access| {
-            Arc::new(Mutex::new(PciBusDevice {
-                root: root.clone(),
-                access,
-            }))
-        };
-        pio.insert(
-            "pci-config-io",
-            CONFIG_ADDRESS_PORT.into(),
-            CONFIG_IO_LEN,
-            view(PciAccess::ConfigIo),
-        )?;
-        mmio.insert("pci-ecam", layout.ecam, ECAM_SIZE, view(PciAccess::Ecam))?;
-        mmio.insert(
-            "pci-mem32",
-            layout.mem32.0,
-            layout.mem32.1,
-            view(PciAccess::Window(layout.mem32.0)),
-        )?;
-        mmio.insert(
-            "pci-mem64",
-            layout.mem64.0,
-            layout.mem64.1,
-            view(PciAccess::Window(layout.mem64.0)),
-        )?;
+        attach_to_buses(root, layout, pio, mmio)?;
         Ok(())
     }
 

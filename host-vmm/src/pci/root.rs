@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use super::config::{COMMAND, COMMAND_MEMORY, PciConfig, PciId};
-use super::{Bdf, ECAM_SIZE, PciDevice, PciLayout};
-use crate::devices::{BusDevice, DeviceAction};
+use super::{Bdf, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_SIZE, PciDevice, PciLayout};
+use crate::devices::{Bus, BusDevice, BusError, DeviceAction};
 
 /// Devices per bus.
 const SLOTS: usize = 32;
@@ -258,6 +258,43 @@ pub enum PciAccess {
     Ecam,
     /// A BAR window starting at this guest-physical address.
     Window(u64),
+}
+
+/// Puts `root` on the buses: CF8/CFC configuration ports on `pio`; ECAM and the two BAR windows of `layout`
+/// on `mmio`. Returns the shared root.
+pub fn attach_to_buses(
+    root: PciRoot,
+    layout: PciLayout,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<Arc<Mutex<PciRoot>>, BusError> {
+    let root = Arc::new(Mutex::new(root));
+    let view = |access| {
+        Arc::new(Mutex::new(PciBusDevice {
+            root: root.clone(),
+            access,
+        }))
+    };
+    pio.insert(
+        "pci-config-io",
+        CONFIG_ADDRESS_PORT.into(),
+        CONFIG_IO_LEN,
+        view(PciAccess::ConfigIo),
+    )?;
+    mmio.insert("pci-ecam", layout.ecam, ECAM_SIZE, view(PciAccess::Ecam))?;
+    mmio.insert(
+        "pci-mem32",
+        layout.mem32.0,
+        layout.mem32.1,
+        view(PciAccess::Window(layout.mem32.0)),
+    )?;
+    mmio.insert(
+        "pci-mem64",
+        layout.mem64.0,
+        layout.mem64.1,
+        view(PciAccess::Window(layout.mem64.0)),
+    )?;
+    Ok(root)
 }
 
 /// Adapts the root bus to the PIO/MMIO buses.

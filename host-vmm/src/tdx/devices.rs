@@ -16,7 +16,6 @@
 //! (`VmShape::acpi_shape`), so the firmware and the kernel find the devices where the tables say.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use super::shared_mem::TdMemory;
 use crate::devices::ioapic::{MsiMessage, MsiSink};
@@ -24,17 +23,14 @@ use crate::devices::{Bus, BusError};
 use crate::hypervisor::tdx::TdxVm;
 use crate::hypervisor::{IrqRoute, Vm};
 use crate::pci::msix::GsiRouter;
-use crate::pci::root::{CLOUD_HYPERVISOR_HOST_BRIDGE_ID, PciAccess, PciError};
-use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_SIZE, PciBusDevice, PciLayout, PciRoot};
-use crate::virtio::VirtioDevice;
-use crate::virtio::block::{Block, BlockError, Disk};
-use crate::virtio::net::passt::PasstBackend;
-use crate::virtio::net::tap::TapBackend;
-use crate::virtio::net::{Net, NetBackend, NetError};
+use crate::pci::root::{CLOUD_HYPERVISOR_HOST_BRIDGE_ID, PciError, attach_to_buses};
+use crate::pci::{PciLayout, PciRoot};
+use crate::virtio::block::BlockError;
+use crate::virtio::models;
+use crate::virtio::net::NetError;
 use crate::virtio::pci::{TransportError, VirtioPci};
-use crate::virtio::rng::Rng;
-use crate::virtio::vsock::{Vsock, VsockError};
-use crate::vmm::{DeviceConfig, NetBackendConfig};
+use crate::virtio::vsock::VsockError;
+use crate::vmm::DeviceConfig;
 
 /// Why a TD's devices could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -76,34 +72,6 @@ pub fn td_router(vm: &Arc<dyn TdxVm>) -> Arc<GsiRouter> {
 }
 
 /// A device model and its bus name.
-type NamedDevice = (String, Box<dyn VirtioDevice>);
-
-/// The device models `devices` asks for, named and in PCI slot order (disks, net, vsock, rng — as the `kvm`
-/// path orders them).
-fn models(devices: &DeviceConfig) -> Result<Vec<NamedDevice>, TdDeviceError> {
-    let mut models: Vec<NamedDevice> = Vec::new();
-    for (i, d) in devices.disks.iter().enumerate() {
-        models.push((
-            format!("virtio-blk{i}"),
-            Box::new(Block::new(Disk::open(&d.path, d.read_only)?)),
-        ));
-    }
-    if let Some(n) = &devices.net {
-        let backend: Box<dyn NetBackend> = match &n.backend {
-            NetBackendConfig::Passt { socket } => Box::new(PasstBackend::connect(socket, Duration::from_secs(5))?),
-            NetBackendConfig::Tap { ifname, bridge } => Box::new(TapBackend::open(ifname, bridge.as_deref())?),
-        };
-        models.push(("virtio-net".into(), Box::new(Net::new(n.mac, n.mtu, backend)?)));
-    }
-    if let Some(v) = &devices.vsock {
-        models.push(("virtio-vsock".into(), Box::new(Vsock::new(v.cid, v.uds_path.clone())?)));
-    }
-    if devices.rng {
-        models.push(("virtio-rng".into(), Box::new(Rng::default())));
-    }
-    Ok(models)
-}
-
 /// Puts the PCI root bus with the configured virtio devices on the TD's buses (CF8/CFC on `pio`; ECAM and the
 /// BAR windows on `mmio`). The root is always present — the ACPI tables describe it — even without devices.
 /// Returns the root (for tests and diagnostics).
@@ -119,35 +87,9 @@ pub fn attach_pci(
     let layout = PciLayout::for_ram(memory_bytes);
     let plain_vm: Arc<dyn Vm> = vm.clone();
     let mut root = PciRoot::with_host_bridge(layout, CLOUD_HYPERVISOR_HOST_BRIDGE_ID);
-    for (name, model) in models(devices)? {
+    for (name, model) in models::from_config::<TdDeviceError>(devices)? {
         let dev = VirtioPci::with_memory(&name, model, plain_vm.clone(), router.clone(), mem.clone())?;
         root.add_device(&name, Arc::new(Mutex::new(dev)))?;
     }
-    let root = Arc::new(Mutex::new(root));
-    let view = |access| {
-        Arc::new(Mutex::new(PciBusDevice {
-            root: root.clone(),
-            access,
-        }))
-    };
-    pio.insert(
-        "pci-config-io",
-        CONFIG_ADDRESS_PORT.into(),
-        CONFIG_IO_LEN,
-        view(PciAccess::ConfigIo),
-    )?;
-    mmio.insert("pci-ecam", layout.ecam, ECAM_SIZE, view(PciAccess::Ecam))?;
-    mmio.insert(
-        "pci-mem32",
-        layout.mem32.0,
-        layout.mem32.1,
-        view(PciAccess::Window(layout.mem32.0)),
-    )?;
-    mmio.insert(
-        "pci-mem64",
-        layout.mem64.0,
-        layout.mem64.1,
-        view(PciAccess::Window(layout.mem64.0)),
-    )?;
-    Ok(root)
+    Ok(attach_to_buses(root, layout, pio, mmio)?)
 }

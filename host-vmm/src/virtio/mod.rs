@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod memory;
+pub mod models;
 pub mod net;
 pub mod pci;
 pub mod rng;
