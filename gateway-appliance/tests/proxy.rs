@@ -1,5 +1,7 @@
 //! The SNI proxy end to end on loopback: backends on 127.0.0.x stand in for CVMs' WireGuard IPs.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,6 +16,8 @@ use dstack_rpc::BoxFuture;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::backend::echo_backend;
 
 const BASE: &str = "apps.test";
 
@@ -106,22 +110,6 @@ fn instance(id: &str, app: &str, ip: [u8; 4], policy: PortPolicy) -> Instance {
         reg_time: SystemTime::now(),
         latest_handshake: Some(SystemTime::now()),
     }
-}
-
-/// Plain TCP backend: replies `<tag>:` followed by everything it receives.
-async fn echo_backend(ip: [u8; 4], tag: &'static str) -> u16 {
-    let l = TcpListener::bind((IpAddr::from(ip), 0)).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(format!("{tag}:").as_bytes()).await;
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
 }
 
 /// TLS backend (the app terminates TLS itself) with a certificate from `app_ca`.

@@ -9,41 +9,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use dstack_gateway::config::ProxyConfig;
-use dstack_gateway::dns::{DnsError, TxtResolver};
 use dstack_gateway::proxy::tls::TlsTerminator;
 use dstack_gateway::proxy::{ProxyState, Stats};
 use dstack_gateway::routing::{Instance, PortPolicy, RoutingTable};
-use dstack_rpc::BoxFuture;
 use dstack_testkit::Mutator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use common::backend::{NoTxt, echo_backend};
+
 const TOTAL: usize = 2_000;
 const CONCURRENCY: usize = 50;
 const BAD_EVERY: usize = 4;
-
-struct NoTxt;
-impl TxtResolver for NoTxt {
-    fn lookup_txt<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
-/// Plain TCP backend standing in for the app: `ok:` then an echo of everything received.
-async fn echo_backend(ip: [u8; 4]) -> u16 {
-    let l = TcpListener::bind((IpAddr::from(ip), 0)).await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"ok:").await;
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
@@ -100,7 +77,7 @@ async fn bad_client(gw: SocketAddr, bytes: Vec<u8>, stall: bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_proxy_under_bounded_load_with_malformed_hellos() {
     let ip = [127, 0, 0, 9];
-    let port = echo_backend(ip).await;
+    let port = echo_backend(ip, "ok").await;
     let table = RoutingTable::new();
     table.upsert(Instance {
         instance_id: "i9".into(),

@@ -18,14 +18,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dstack_gateway::config::ProxyConfig;
-use dstack_gateway::dns::{DnsError, TxtResolver};
 use dstack_gateway::proxy::tls::TlsTerminator;
 use dstack_gateway::proxy::{ProxyState, Stats};
 use dstack_gateway::routing::{Instance, PortPolicy, RoutingTable};
-use dstack_rpc::BoxFuture;
 use dstack_testkit::Mutator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::backend::{NoTxt, echo_backend};
 
 const ROUTED: usize = 6_000;
 const STALLED: usize = 4_000;
@@ -34,13 +34,6 @@ const FRESH: usize = 500;
 const RAMP_CONCURRENCY: usize = 200;
 const BASE: &str = "apps.test";
 const CHILD_ENV: &str = "DSTACK_LOAD_CHILD";
-
-struct NoTxt;
-impl TxtResolver for NoTxt {
-    fn lookup_txt<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>, DnsError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
 
 fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
@@ -276,21 +269,6 @@ fn commands() -> tokio::sync::mpsc::UnboundedReceiver<String> {
     rx
 }
 
-async fn echo_backend() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"ok:").await;
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 async fn routed_client(gw: SocketAddr, hello: &[u8]) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(gw).await.map_err(|e| format!("connect: {e}"))?;
     s.write_all(hello).await.map_err(|e| format!("write: {e}"))?;
@@ -335,7 +313,7 @@ async fn load_child() {
     }
     raise_nofile();
     let mut cmds = commands();
-    let backend = echo_backend().await;
+    let backend = echo_backend([127, 0, 0, 1], "ok").await;
     let hello = Arc::new(hello(backend));
     say(&format!("backend {backend}"));
     let go = cmds.recv().await.unwrap();

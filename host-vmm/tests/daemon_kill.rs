@@ -185,26 +185,6 @@ fn alive(pid: i32) -> bool {
     })
 }
 
-/// A payload that prints `up` and then halts forever (never exits on its own).
-fn forever_image(dir: &Path) {
-    let img = dir.join("images").join("forever");
-    std::fs::create_dir_all(&img).unwrap();
-    let mut a = asm();
-    emit_print(&mut a, b"up\n");
-    // emit_print may leave a label pending on the next instruction; give it one before ours.
-    a.nop().unwrap();
-    let mut lp = a.create_label();
-    a.set_label(&mut lp).unwrap();
-    a.hlt().unwrap();
-    a.jmp(lp).unwrap();
-    write_elf(&img, &assemble(a));
-    std::fs::write(
-        img.join("metadata.json"),
-        r#"{"kernel":"payload.elf","initrd":"","cmdline":"console=ttyS0","version":"p","is_dev":true}"#,
-    )
-    .unwrap();
-}
-
 #[test]
 fn daemon_kill9_restart_readopts_or_restarts_without_duplicates() {
     if kvm_or_skip("daemon_kill9_restart_readopts_or_restarts_without_duplicates").is_none() {
@@ -212,7 +192,7 @@ fn daemon_kill9_restart_readopts_or_restarts_without_duplicates() {
     }
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = NoLeftovers(dir.path().display().to_string());
-    forever_image(dir.path());
+    halting_image(dir.path(), "forever", b"up\n");
     let sock = dir.path().join("vmm.sock");
     let cfg = dir.path().join("vmm.toml");
     let log = dir.path().join("stderr.log");

@@ -188,25 +188,6 @@ fn button_image(dir: &Path) {
     .unwrap();
 }
 
-/// A payload that ignores everything: prints, then halts forever.
-fn deaf_image(dir: &Path) {
-    let img = dir.join("images").join("deaf");
-    std::fs::create_dir_all(&img).unwrap();
-    let mut a = asm();
-    emit_print(&mut a, b"deaf\n");
-    a.nop().unwrap();
-    let mut lp = a.create_label();
-    a.set_label(&mut lp).unwrap();
-    a.hlt().unwrap();
-    a.jmp(lp).unwrap();
-    write_elf(&img, &assemble(a));
-    std::fs::write(
-        img.join("metadata.json"),
-        r#"{"kernel":"payload.elf","initrd":"","cmdline":"console=ttyS0","version":"p","is_dev":true}"#,
-    )
-    .unwrap();
-}
-
 async fn wait_serial(dir: &Path, id: &str, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let path = dir.join("run").join(id).join("serial.log");
@@ -226,7 +207,7 @@ async fn kvm_shutdown_presses_the_acpi_power_button() {
     }
     let dir = tempfile::tempdir().unwrap();
     button_image(dir.path());
-    deaf_image(dir.path());
+    halting_image(dir.path(), "deaf", b"deaf\n");
     let cfg = VmmConfig::parse(&format!(
         "[image]\npath = \"{}\"\n[cvm]\nrun_path = \"{}\"\npasst_path = \"\"\n[cvm.auto_restart]\ninterval = 0.02\n",
         dir.path().join("images").display(),

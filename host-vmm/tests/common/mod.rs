@@ -101,6 +101,27 @@ pub fn write_elf(dir: &Path, code: &[u8]) -> PathBuf {
     p
 }
 
+/// A VM manager image `<dir>/images/<name>` whose payload prints `text` and then halts forever: it never
+/// exits on its own and ignores every device (what stop and kill tests need).
+pub fn halting_image(dir: &Path, name: &str, text: &[u8]) {
+    let img = dir.join("images").join(name);
+    std::fs::create_dir_all(&img).unwrap();
+    let mut a = asm();
+    emit_print(&mut a, text);
+    // emit_print may leave a label pending on the next instruction; give it one before ours.
+    a.nop().unwrap();
+    let mut lp = a.create_label();
+    a.set_label(&mut lp).unwrap();
+    a.hlt().unwrap();
+    a.jmp(lp).unwrap();
+    write_elf(&img, &assemble(a));
+    std::fs::write(
+        img.join("metadata.json"),
+        r#"{"kernel":"payload.elf","initrd":"","cmdline":"console=ttyS0","version":"p","is_dev":true}"#,
+    )
+    .unwrap();
+}
+
 /// Result of one payload boot.
 pub struct Booted {
     pub report: RunReport,
