@@ -269,8 +269,12 @@ mod revocation_tests {
         c
     }
 
-    #[test]
-    fn revoked_kms_issued_client_certificate_is_refused_with_its_serial() {
+    /// A KMS root, an app CA under it, a list revoking serial 0dead0, and a chain maker (leaf, app CA) by serial.
+    fn revoked_fixture() -> (
+        CaCert,
+        Arc<RevocationSet>,
+        impl Fn(&[u8]) -> Vec<CertificateDer<'static>>,
+    ) {
         let root = CaCert::self_signed(
             &CertRequest {
                 subject: "Dstack KMS CA".into(),
@@ -293,10 +297,12 @@ mod revocation_tests {
         let leaf_req = CertRequest {
             subject: "dstack-guest-agent".into(),
             usage_client_auth: true,
+            usage_server_auth: true,
+            alt_names: vec!["gateway-b.example".into()],
             app_id: Some(vec![0x11; 20]),
             ..Default::default()
         };
-        let chain = |serial: &[u8]| {
+        let chain = move |serial: &[u8]| {
             let leaf = app_ca.issue_with_serial(&leaf_req, &key(), serial).unwrap();
             vec![leaf.der().clone(), app_ca.cert_der().clone()]
         };
@@ -321,7 +327,12 @@ mod revocation_tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(set.update_der(&tampered, now).is_err(), "a tampered list is refused");
         set.update_der(&crl, now).unwrap();
+        (root, set, chain)
+    }
 
+    #[test]
+    fn revoked_kms_issued_client_certificate_is_refused_with_its_serial() {
+        let (_root, set, chain) = revoked_fixture();
         let id =
             RaTlsIdentity::new(Arc::new(AttestationVerifier::new(AttestationPolicy::default()))).with_revocations(set);
         // An unlisted serial passes the revocation check and reaches the attestation check (these test
@@ -338,5 +349,34 @@ mod revocation_tests {
             .unwrap_err()
             .0;
         assert!(e.contains("revoked") && e.contains("0dead0"), "{e}");
+    }
+
+    #[test]
+    fn sync_client_refuses_a_peer_gateway_with_a_revoked_chain() {
+        use rustls::client::danger::ServerCertVerifier;
+        let (root, set, chain) = revoked_fixture();
+        let attestation = Arc::new(AttestationVerifier::new(AttestationPolicy::default()));
+        let roots = vec![root.cert_der().clone()];
+        let peer =
+            crate::sync::SameAppServerVerifier::with_revocations(attestation.clone(), roots.clone(), "11", Some(set))
+                .unwrap();
+        let without = crate::sync::SameAppServerVerifier::new(attestation, roots, "11").unwrap();
+        let name = rustls_pki_types::ServerName::try_from("gateway-b.example").unwrap();
+        let verify = |v: &crate::sync::SameAppServerVerifier, serial: &[u8]| {
+            let c = chain(serial);
+            v.verify_server_cert(&c[0], &c[1..], &name, &[], rustls_pki_types::UnixTime::now())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = verify(&peer, &[0x0d, 0xea, 0xd0]);
+        assert!(e.contains("revoked") && e.contains("0dead0"), "{e}");
+        // Unlisted (or no list): the revocation check passes and attestation refuses these quote-less certificates.
+        for e in [
+            verify(&peer, &[0x0d, 0xea, 0xd1]),
+            verify(&without, &[0x0d, 0xea, 0xd0]),
+        ] {
+            assert!(!e.contains("revoked") && e.contains("MissingAttestation"), "{e}");
+        }
     }
 }

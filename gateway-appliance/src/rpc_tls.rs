@@ -147,13 +147,18 @@ impl RpcTls {
     }
 
     /// The sync client config: our live identity as client certificate, peers verified as the
-    /// gateway app (self-signed RA-TLS or chained to [`RpcTls::roots`]).
+    /// gateway app (self-signed RA-TLS or chained to [`RpcTls::roots`]) and, with a KMS list, not revoked.
     pub fn sync_client(
         &self,
         verifier: Arc<AttestationVerifier>,
         gateway_app_id: &str,
     ) -> Result<Arc<rustls::ClientConfig>, SyncError> {
-        let peer = SameAppServerVerifier::new(verifier, self.roots.clone(), gateway_app_id)?;
+        let peer = SameAppServerVerifier::with_revocations(
+            verifier,
+            self.roots.clone(),
+            gateway_app_id,
+            self.revocations.clone(),
+        )?;
         client_tls_with_resolver(peer, self.live.clone())
     }
 

@@ -287,14 +287,14 @@ impl OnboardRpc for OnboardService {
             }
         };
         // Revocations first: a node holding the keys never publishes less than the source did.
-        if let Some(content) = &onboarded.revocations {
+        if let Some(crl) = &onboarded.revocations {
             let note = format!(
                 "copied from {} at onboarding (CRL #{})",
-                onboarded.source_url, content.crl_number
+                onboarded.source_url, crl.content.crl_number
             );
             self.ctx
                 .revocations
-                .merge_crl(content, now_secs(), &note)
+                .merge_crl(crl, now_secs(), &note)
                 .map_err(rpc_err)?;
         }
         let store = self.store.clone();
@@ -310,6 +310,7 @@ impl OnboardRpc for OnboardService {
             },
         )
         .map_err(rpc_err)?;
+        self.ctx.revocations.follow(&onboarded.source_url);
         *done = true;
         tracing::info!(
             source = %req.source_url,

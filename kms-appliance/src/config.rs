@@ -37,6 +37,7 @@
 //!                               # "vm_config" string); sent to the source KMS by Onboard.Onboard;
 //!                               # empty with tee = "agent:<socket>": the guest agent's vm_config
 //! revocation_sync_secs = 300    # an onboarded replica pulls the source's revocation list this often (0 = off)
+//!                               # (a replica refuses Admin.RevokeCerts: revoke on the source it follows)
 //!
 //! [core.image]                  # OS image verification of key-release callers (dstack's [core.image])
 //! verify = false                # recompute MRTD/RTMR0-2 from the cached image and refuse on mismatch

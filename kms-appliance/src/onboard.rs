@@ -88,7 +88,7 @@ pub struct OnboardContext {
 pub struct Onboarded {
     pub keys: KeyMaterial,
     /// The source's verified CRL content (`None` when the source publishes none).
-    pub revocations: Option<dstack_ra_tls::CrlContent>,
+    pub revocations: Option<crate::revocation::SourceCrl>,
     /// The normalized source URL (`https://host:port/prpc`).
     pub source_url: String,
 }
@@ -331,7 +331,10 @@ pub async fn onboard_from(ctx: &OnboardContext, source_url: &str, domain: &str) 
                 app_rules = list.content().apps.len(),
                 "copying the source's revocation list"
             );
-            Some(list.content().clone())
+            Some(crate::revocation::SourceCrl {
+                content: list.content().clone(),
+                der: r.crl,
+            })
         }
         Err(e) => {
             tracing::warn!(source = %url, "the source publishes no revocation list (GetCrl: {e}); none copied");

@@ -6,13 +6,14 @@
 //!    source's root, verifies it with that root (the replica's own root from then on) and merges it into the new
 //!    node's `revocations.json`; the source URL is recorded in `cert_dir/replication-source.json`.
 //! 2. While serving, the replica fetches the source's CRL every `[core.onboard] revocation_sync_secs` (default
-//!    300 s; 0 = off) and merges it ([`RevocationStore::merge_crl`]: entries are added, never removed; the CRL
-//!    number becomes at least the source's). A failed pull is logged and retried at the next interval; the
-//!    replica keeps publishing what it has.
+//!    300 s; 0 = off) and merges it ([`RevocationStore::merge_crl`]: entries are added, never removed; the
+//!    replica takes the source's CRL number and serves the source's signed list). A failed pull is logged and
+//!    retried at the next interval; the replica keeps publishing what it has.
 //!
 //! Why pull rather than asking the source on each `GetCrl`: publication and the key-release revocation check
 //! stay local and never wait for (or fail with) the source; a replica lags the source by at most one interval.
-//! Revoke on the source: revocations made on a replica are not pushed back.
+//! Revocations are made on the source: a replica refuses `Admin.RevokeCerts` (it would otherwise publish a
+//! list the source does not know under a number the source will use for another).
 //!
 //! The CRL authenticates itself (signed by the root CA both nodes hold), so the pull channel needs no
 //! attestation; it is still TLS with the source's certificate chained to that root and its name checked.
@@ -30,7 +31,7 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::KmsError;
-use crate::revocation::RevocationStore;
+use crate::revocation::{RevocationStore, SourceCrl};
 use crate::store::write_atomic;
 
 /// File in `cert_dir` naming the source a replica follows.
@@ -86,11 +87,7 @@ pub fn crl_client(url: &str, root: &[u8]) -> Result<RevocationClient<Client>, Km
 }
 
 /// Fetches the source's CRL and verifies it with `root` at `now`.
-pub async fn fetch_verified(
-    client: &RevocationClient<Client>,
-    root: &[u8],
-    now: u64,
-) -> Result<RevocationList, KmsError> {
+pub async fn fetch_verified(client: &RevocationClient<Client>, root: &[u8], now: u64) -> Result<SourceCrl, KmsError> {
     let r = client
         .get_crl()
         .await
@@ -103,7 +100,10 @@ pub async fn fetch_verified(
             list.content().crl_number
         )));
     }
-    Ok(list)
+    Ok(SourceCrl {
+        content: list.content().clone(),
+        der: r.crl,
+    })
 }
 
 /// One pull: fetch, verify, merge. Returns whether the local state changed.
@@ -115,8 +115,8 @@ pub async fn pull_once(
     now: u64,
 ) -> Result<bool, KmsError> {
     let list = fetch_verified(client, root, now).await?;
-    let note = format!("replicated from {source_url} (CRL #{})", list.content().crl_number);
-    store.merge_crl(list.content(), now, &note)
+    let note = format!("replicated from {source_url} (CRL #{})", list.content.crl_number);
+    store.merge_crl(&list, now, &note)
 }
 
 /// Aborts the pull task when dropped.

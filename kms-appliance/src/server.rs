@@ -315,6 +315,7 @@ impl Kms {
         let Some(source) = load_source(&self.config.core.cert_dir)? else {
             return Ok(None);
         };
+        self.revocations.follow(&source.source_url);
         if every == 0 {
             tracing::warn!(source = %source.source_url, "revocation_sync_secs = 0: not following the source");
             return Ok(None);

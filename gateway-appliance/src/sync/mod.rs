@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_ra_tls::tls::RaTlsVerifierConfig;
-use dstack_ra_tls::{AttestationVerifier, RaTlsServerVerifier};
+use dstack_ra_tls::{AttestationVerifier, RaTlsServerVerifier, RevocationSet};
 use dstack_rpc::gateway::{GatewayState, GatewaySyncClient, GatewaySyncRpc};
 use dstack_rpc::{CallContext, Client, RpcError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -106,11 +106,14 @@ impl GatewaySyncRpc for SyncService {
 
 /// Verifies a peer gateway's server certificate: RA-TLS (self-signed with a quote, or chained to
 /// `roots`), attestation verified, attested app id equal to the cluster's gateway app id.
+/// With a KMS revocation list ([`SameAppServerVerifier::with_revocations`]), a peer whose chain it covers is
+/// refused too (the same check `RegisterCvm` and the sync server apply to their callers).
 #[derive(Debug)]
 pub struct SameAppServerVerifier {
     inner: Arc<RaTlsServerVerifier>,
     attestation: Arc<AttestationVerifier>,
     app_id: Vec<u8>,
+    revocations: Option<Arc<RevocationSet>>,
 }
 
 impl SameAppServerVerifier {
@@ -119,6 +122,16 @@ impl SameAppServerVerifier {
         attestation: Arc<AttestationVerifier>,
         roots: Vec<CertificateDer<'static>>,
         app_id_hex: &str,
+    ) -> Result<Arc<Self>, SyncError> {
+        Self::with_revocations(attestation, roots, app_id_hex, None)
+    }
+
+    /// [`SameAppServerVerifier::new`] that also refuses peers whose chain the KMS list in `set` covers.
+    pub fn with_revocations(
+        attestation: Arc<AttestationVerifier>,
+        roots: Vec<CertificateDer<'static>>,
+        app_id_hex: &str,
+        revocations: Option<Arc<RevocationSet>>,
     ) -> Result<Arc<Self>, SyncError> {
         let app_id = hex::decode(app_id_hex.trim()).map_err(|e| SyncError::Config(format!("gateway_app_id: {e}")))?;
         let inner = RaTlsServerVerifier::new(
@@ -134,6 +147,7 @@ impl SameAppServerVerifier {
             inner,
             attestation,
             app_id,
+            revocations,
         }))
     }
 }
@@ -147,6 +161,11 @@ impl ServerCertVerifier for SameAppServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(set) = &self.revocations {
+            let chain = std::iter::once(end_entity).chain(intermediates).map(|c| c.as_ref());
+            set.check_chain(chain, now.as_secs())
+                .map_err(|e| rustls::Error::General(format!("peer gateway: {e}")))?;
+        }
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
         // Just verified, so normally cached; verify again otherwise.
