@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         &Default::default(),
         sink,
         qgs,
+        None,
         Some(Duration::from_secs(600)),
     )?;
     eprintln!("TD stopped: {outcome:?}");

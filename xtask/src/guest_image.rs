@@ -37,7 +37,8 @@ fn stamp(root: &Path, init: &Path) -> Result<String> {
     add(init)?;
     add(&root.join("image-build/debian.lock"))?;
     let mut sources = Vec::new();
-    for dir in ["image-build/src", "measurements/src/predict"] {
+    // The measurements crate and the ACPI tables it predicts from decide measurements.json.
+    for dir in ["image-build/src", "measurements/src", "crates/acpi/src"] {
         collect_files(&root.join(dir), &mut sources)?;
     }
     sources.sort();

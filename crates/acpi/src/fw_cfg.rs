@@ -12,6 +12,12 @@
 //!      over the whole table), then the RSDP's v1 checksum (byte 8 over 20 bytes) and extended checksum
 //!      (byte 32 over 36 bytes).
 //!
+//! With [`PmModel::FixedHardware`] ([`build_for`]) the tables file starts with the FACS (offset 0, 64-byte
+//! aligned because the file is allocated with align 64) and one more ADD_POINTER, for FADT.FIRMWARE_CTRL
+//! (4 bytes @36), comes right after the two DSDT pointers; OVMF's `Process2ndPassCmdAddPointer`
+//! (`OvmfPkg/Library/AcpiPlatformLib/QemuFwCfgAcpi.c`) recognizes the pointee by its FACS signature and length
+//! and installs it. [`build`] (hardware-reduced) is unchanged.
+//!
 //! Every checksum byte is **zero** in the files: OVMF's ADD_CHECKSUM sums the range including the result byte.
 //!
 //! OVMF with TDX measures these three files into RTMR0 as EV_PLATFORM_CONFIG_FLAGS "ACPI DATA" events,
@@ -19,7 +25,7 @@
 //! order of the two blobs follows our ALLOCATE order either way OVMF iterates them — by command order or by
 //! file name — which is why the RSDP is allocated first).
 
-use crate::tables::{AcpiError, AcpiShape, HEADER_LEN, RSDP_LEN, rsdp, table_region};
+use crate::tables::{AcpiError, AcpiShape, HEADER_LEN, PmModel, RSDP_LEN, rsdp, table_region_for};
 
 /// fw_cfg file names (as QEMU names them, which OVMF looks for).
 pub const LOADER_FILE: &str = "etc/table-loader";
@@ -38,6 +44,7 @@ const ZONE_HIGH: u8 = 1;
 const ZONE_FSEG: u8 = 2;
 
 /// FADT field offsets (ACPI 6.5 §5.2.9).
+const FADT_FIRMWARE_CTRL: u32 = 36;
 const FADT_DSDT: u32 = 40;
 const FADT_X_DSDT: u32 = 140;
 /// RSDP field offsets.
@@ -93,9 +100,14 @@ fn add_checksum(file: &str, result: u32, start: u32, len: u32) -> [u8; COMMAND_L
     )
 }
 
-/// Builds the three fw_cfg files for `shape`.
+/// Builds the three fw_cfg files for `shape` (hardware-reduced ACPI).
 pub fn build(shape: &AcpiShape) -> Result<AcpiFwCfg, AcpiError> {
-    let region = table_region(shape, 0)?;
+    build_for(shape, PmModel::HardwareReduced)
+}
+
+/// [`build`] for a power-management model.
+pub fn build_for(shape: &AcpiShape, model: PmModel) -> Result<AcpiFwCfg, AcpiError> {
+    let region = table_region_for(shape, 0, model)?;
     let mut tables = region.bytes;
     for &(off, _) in &region.tables {
         tables[off + 9] = 0;
@@ -109,6 +121,9 @@ pub fn build(shape: &AcpiShape) -> Result<AcpiFwCfg, AcpiError> {
     let fadt = region.fadt as u32;
     cmds.push(add_pointer(TABLES_FILE, TABLES_FILE, fadt + FADT_DSDT, 4));
     cmds.push(add_pointer(TABLES_FILE, TABLES_FILE, fadt + FADT_X_DSDT, 8));
+    if region.facs.is_some() {
+        cmds.push(add_pointer(TABLES_FILE, TABLES_FILE, fadt + FADT_FIRMWARE_CTRL, 4));
+    }
     let xsdt_entries = region.tables.len().saturating_sub(2); // all but DSDT and the XSDT itself
     for i in 0..xsdt_entries {
         let at = (region.xsdt + HEADER_LEN + 8 * i) as u32;
@@ -141,8 +156,21 @@ mod tests {
     /// 16-aligned) and requires the result to equal the flat blob host-vmm writes: an independent check that
     /// pointers, offsets and checksums in the loader are right.
     fn link(f: &AcpiFwCfg) -> AcpiTables {
+        link_for(f, PmModel::HardwareReduced)
+    }
+
+    fn link_for(f: &AcpiFwCfg, model: PmModel) -> AcpiTables {
         let rsdp_at = ACPI_BASE;
-        let tables_at = ACPI_BASE + RSDP_LEN.next_multiple_of(16) as u64;
+        // The flat layout pads the tables to a 64-byte FACS boundary after the RSDP; a firmware honouring the
+        // ALLOCATE alignment (64) places the tables file on such a boundary too.
+        let flat_tables = crate::tables::table_region_for(
+            &AcpiShape { vcpus: 1, pci: None },
+            ACPI_BASE + RSDP_LEN.next_multiple_of(16) as u64,
+            model,
+        )
+        .unwrap();
+        let pad = flat_tables.facs.unwrap_or(0);
+        let tables_at = ACPI_BASE + (RSDP_LEN.next_multiple_of(16) + pad) as u64;
         let mut rsdp = f.rsdp.clone();
         let mut tables = f.tables.clone();
         let mut allocated = Vec::new();
@@ -174,7 +202,7 @@ mod tests {
         }
         assert_eq!(allocated, [RSDP_FILE, TABLES_FILE]);
         let mut bytes = rsdp;
-        bytes.resize(RSDP_LEN.next_multiple_of(16), 0);
+        bytes.resize(RSDP_LEN.next_multiple_of(16) + pad, 0);
         bytes.extend_from_slice(&tables);
         AcpiTables { base: ACPI_BASE, bytes }
     }
@@ -195,6 +223,33 @@ mod tests {
             let f = build(&shape).unwrap();
             assert_eq!(f.table_loader.len() % COMMAND_LEN, 0);
             assert_eq!(link(&f), crate::tables::build(&shape).unwrap(), "{shape:?}");
+        }
+    }
+
+    /// The fixed-hardware form links to the flat fixed-hardware tables the `kvm` backend writes (FACS first,
+    /// FADT.FIRMWARE_CTRL pointing at it), and differs from the hardware-reduced form only by that.
+    #[test]
+    fn fixed_hardware_fw_cfg_links_to_the_flat_tables() {
+        for shape in [
+            AcpiShape { vcpus: 1, pci: None },
+            AcpiShape {
+                vcpus: 4,
+                pci: Some(PciLayout::for_ram(6 << 30)),
+            },
+        ] {
+            let f = build_for(&shape, PmModel::FixedHardware).unwrap();
+            assert_eq!(&f.tables[..4], b"FACS");
+            let linked = link_for(&f, PmModel::FixedHardware);
+            assert_eq!(
+                linked,
+                crate::tables::build_for(&shape, PmModel::FixedHardware).unwrap()
+            );
+            let reduced = build(&shape).unwrap();
+            assert_eq!(
+                f.table_loader.len(),
+                reduced.table_loader.len() + COMMAND_LEN,
+                "one more ADD_POINTER"
+            );
         }
     }
 

@@ -44,7 +44,7 @@ pub async fn request_poweroff(mgr: &Arc<Manager>, id: &str) -> Result<Vec<&'stat
             Ok(()) => asked.push("ACPI power button (QMP system_powerdown)"),
             Err(e) => failures.push(e.to_string()),
         },
-        "kvm" => match press_power_button(&wd).await {
+        "kvm" | "tdx" => match press_power_button(&wd).await {
             Ok(()) => asked.push("ACPI power button (VMM control socket)"),
             Err(e) => failures.push(e),
         },

@@ -10,7 +10,9 @@
 //!   (so guest-init uses the real TDX interfaces or stops), and images whose measured command line selects a
 //!   simulated TEE (`dstack.tee=simulated:…`) are refused — that guest would wait for a module no one serves;
 //! - `--mrconfigid`: the TD's MRCONFIGID binds its `app-compose.json` (and `.instance_info`) per
-//!   [`crate::tdx::mr_config`] unless `[cvm.tdx] use_mrconfigid = false`.
+//!   [`crate::tdx::mr_config`] unless `[cvm.tdx] use_mrconfigid = false`;
+//! - `--control-socket` (from the `kvm` plan) is served by the TD's VMM too: `ShutdownVm` presses the TD's ACPI
+//!   power button there (`manager::shutdown`), then asks the guest API, as for `kvm`.
 
 use std::path::PathBuf;
 

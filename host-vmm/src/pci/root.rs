@@ -45,19 +45,6 @@ pub const HOST_BRIDGE_ID: PciId = PciId {
     subsystem: 0,
 };
 
-/// Cloud Hypervisor's host bridge ID (`8086:0d57`), the TD path's root: OVMF identifies its platform by the
-/// device ID at 00:00.0 and only knows Q35 (`29c0`), i440FX (`1237`) and Cloud Hypervisor (`0d57`); of the
-/// three, only the last needs no chipset registers (no MCH PCIEXBAR, no ICH9/PIIX4 power-management function),
-/// and its fixed MMIO hole at 3 GiB and PM timer at port 0x608 match our layout (see `docs/tdx-host.md`).
-pub const CLOUD_HYPERVISOR_HOST_BRIDGE_ID: PciId = PciId {
-    vendor: 0x8086,
-    device: 0x0d57,
-    revision: 0,
-    class: 0x06_00_00,
-    subsystem_vendor: 0x8086,
-    subsystem: 0,
-};
-
 /// Per BAR: `(address, size)` while it decodes.
 pub type BarDecode = [Option<(u64, u64)>; 6];
 
@@ -104,7 +91,7 @@ impl PciRoot {
         Self::with_host_bridge(layout, HOST_BRIDGE_ID)
     }
 
-    /// A root whose host bridge at 00.0 presents `host_bridge` (e.g. [`CLOUD_HYPERVISOR_HOST_BRIDGE_ID`]).
+    /// A root whose host bridge at 00.0 presents `host_bridge` (the TD uses Q35's MCH, `tdx::chipset`).
     pub fn with_host_bridge(layout: PciLayout, host_bridge: PciId) -> Self {
         let mut slots: Vec<Option<Slot>> = (0..SLOTS).map(|_| None).collect();
         slots[0] = Some(Slot {

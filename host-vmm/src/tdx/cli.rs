@@ -4,9 +4,9 @@
 //!
 //! The flags are the `kvm` backend's plus `--tdx`, `--firmware` (the TDVF image, the image's `ovmf.fd`),
 //! `--qgs-socket` and `--mrconfigid`. Virtio devices (`--disk`, `--net`, `--vsock`, `--rng`) are attached as
-//! virtio-pci devices on the TD's shared memory ([`super::devices`]). The control socket is accepted so the
-//! backends share one command line, but not served for TDs yet: [`TdRunArgs::unattached_devices`] names it and
-//! the binary warns (see `docs/tdx-host.md`).
+//! virtio-pci devices on the TD's shared memory ([`super::devices`]); `--control-socket` serves the TD's ACPI
+//! power button like the `kvm` VMM's. [`TdRunArgs::unattached_devices`] (options a TD would ignore, which the
+//! binary warns about) is empty now.
 
 use std::fs::OpenOptions;
 use std::io::LineWriter;
@@ -78,7 +78,7 @@ pub struct TdRunArgs {
     pub rng: bool,
     #[arg(long)]
     pub mtu: Option<u16>,
-    /// The `kvm` VMM's control socket (ACPI power button); not served for TDs yet.
+    /// Control socket: `power-button` presses the TD's ACPI power button (`crate::control`).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
     #[arg(long)]
@@ -196,12 +196,9 @@ pub fn parse_mrconfigid(hex_str: &str) -> Result<[u8; 48], TdCliError> {
 }
 
 impl TdRunArgs {
-    /// Options on the command line a TD does not get yet (the control socket).
+    /// Options on the command line a TD does not get yet: none since the control socket is served.
     pub fn unattached_devices(&self) -> Vec<String> {
-        self.control_socket
-            .iter()
-            .map(|p| format!("--control-socket {}", p.display()))
-            .collect()
+        Vec::new()
     }
 
     /// The virtio devices the flags ask for.
@@ -282,6 +279,7 @@ pub fn run(
         &devices,
         sink,
         args.qgs(),
+        args.control_socket.as_deref(),
         args.timeout_ms.map(Duration::from_millis),
     )?)
 }

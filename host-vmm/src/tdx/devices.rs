@@ -9,28 +9,31 @@
 //!   IOAPIC's mirrored redirection table for GSIs 0..24 ([`TdIrqSink`]) merged with the MSI-X routes of the
 //!   devices above them, and never KVM's irqchip routes (KVM rejects them with a split irqchip).
 //!
-//! The host bridge at 00.0 presents Cloud Hypervisor's ID ([`CLOUD_HYPERVISOR_HOST_BRIDGE_ID`]): OVMF refuses
-//! other host bridges (see `docs/tdx-host.md` for what that platform type implies for the firmware).
+//! The chipset is QEMU's Q35 ([`super::chipset`]: MCH host bridge at 00.0, ICH9 LPC at 1f.0), so OVMF runs
+//! its QEMU code paths — the fw_cfg ACPI table loader among them (why: `dstack_measurements::predict::platform`).
 //!
-//! The PCI layout is [`PciLayout::for_ram`] of the TD's memory: the one the ACPI tables in fw_cfg describe
-//! (`VmShape::acpi_shape`), so the firmware and the kernel find the devices where the tables say.
+//! The PCI layout is `VmShape::pci_layout` of the TD: the windows OVMF computes on Q35, which the ACPI tables in
+//! fw_cfg (`VmShape::acpi_shape`) describe too, so the firmware and the kernel find the devices where the
+//! tables say and every BAR OVMF assigns lies in a window this root decodes.
 
 use std::sync::{Arc, Mutex};
 
+use super::chipset::{ChipsetView, Q35_MCH_ID, Q35Chipset};
 use super::shared_mem::TdMemory;
 use crate::devices::ioapic::{MsiMessage, MsiSink};
 use crate::devices::{Bus, BusError};
 use crate::hypervisor::tdx::TdxVm;
 use crate::hypervisor::{IrqRoute, Vm};
 use crate::pci::msix::GsiRouter;
-use crate::pci::root::{CLOUD_HYPERVISOR_HOST_BRIDGE_ID, PciError, attach_to_buses};
-use crate::pci::{PciLayout, PciRoot};
+use crate::pci::root::{PciAccess, PciError};
+use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_SIZE, PciBusDevice, PciRoot};
 use crate::virtio::block::BlockError;
 use crate::virtio::models;
 use crate::virtio::net::NetError;
 use crate::virtio::pci::{TransportError, VirtioPci};
 use crate::virtio::vsock::VsockError;
 use crate::vmm::DeviceConfig;
+use dstack_measurements::predict::platform::td_pci_layout;
 
 /// Why a TD's devices could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +74,6 @@ pub fn td_router(vm: &Arc<dyn TdxVm>) -> Arc<GsiRouter> {
     Arc::new(GsiRouter::for_split_irqchip(vm))
 }
 
-/// A device model and its bus name.
 /// Puts the PCI root bus with the configured virtio devices on the TD's buses (CF8/CFC on `pio`; ECAM and the
 /// BAR windows on `mmio`). The root is always present — the ACPI tables describe it — even without devices.
 /// Returns the root (for tests and diagnostics).
@@ -84,12 +86,35 @@ pub fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<Arc<Mutex<PciRoot>>, TdDeviceError> {
-    let layout = PciLayout::for_ram(memory_bytes);
+    let layout = td_pci_layout(memory_bytes);
     let plain_vm: Arc<dyn Vm> = vm.clone();
-    let mut root = PciRoot::with_host_bridge(layout, CLOUD_HYPERVISOR_HOST_BRIDGE_ID);
+    let mut root = PciRoot::with_host_bridge(layout, Q35_MCH_ID);
     for (name, model) in models::from_config::<TdDeviceError>(devices)? {
         let dev = VirtioPci::with_memory(&name, model, plain_vm.clone(), router.clone(), mem.clone())?;
         root.add_device(&name, Arc::new(Mutex::new(dev)))?;
     }
-    Ok(attach_to_buses(root, layout, pio, mmio)?)
+    let root = Arc::new(Mutex::new(root));
+    // Configuration space through the chipset (MCH registers, the LPC function); BAR windows straight to the root.
+    let chipset = Arc::new(Mutex::new(Q35Chipset::new(root.clone())));
+    let config = |access| {
+        Arc::new(Mutex::new(ChipsetView {
+            chipset: chipset.clone(),
+            access,
+        }))
+    };
+    pio.insert(
+        "pci-config-io",
+        CONFIG_ADDRESS_PORT.into(),
+        CONFIG_IO_LEN,
+        config(PciAccess::ConfigIo),
+    )?;
+    mmio.insert("pci-ecam", layout.ecam, ECAM_SIZE, config(PciAccess::Ecam))?;
+    for (name, (base, len)) in [("pci-mem32", layout.mem32), ("pci-mem64", layout.mem64)] {
+        let window = Arc::new(Mutex::new(PciBusDevice {
+            root: root.clone(),
+            access: PciAccess::Window(base),
+        }));
+        mmio.insert(name, base, len, window)?;
+    }
+    Ok(root)
 }

@@ -8,7 +8,7 @@
 //!
 //! What goes in is built by the same code the measurement predictor runs: the kernel is patched by
 //! `dstack_measurements::predict::loader::patch_kernel` (RTMR1 hashes that image) and the ACPI files come
-//! from `dstack_acpi::fw_cfg::build` for `VmShape::acpi_shape()` (RTMR0 hashes those files).
+//! from `VmShape::acpi_fw_cfg()` (the predictor's function; RTMR0 hashes those files).
 
 use std::collections::BTreeMap;
 
@@ -177,7 +177,7 @@ pub fn for_direct_boot(boot: &DirectBoot<'_>, shape: &VmShape) -> Result<FwCfg, 
     let cpus = (shape.vcpus as u16).to_le_bytes().to_vec();
     cfg.add_item(KEY_NB_CPUS, cpus.clone())?;
     cfg.add_item(KEY_MAX_CPUS, cpus)?;
-    let acpi = dstack_acpi::fw_cfg::build(&shape.acpi_shape())?;
+    let acpi = shape.acpi_fw_cfg()?;
     cfg.add_file(dstack_acpi::fw_cfg::RSDP_FILE, acpi.rsdp)?;
     cfg.add_file(dstack_acpi::fw_cfg::TABLES_FILE, acpi.tables)?;
     cfg.add_file(dstack_acpi::fw_cfg::LOADER_FILE, acpi.table_loader)?;
@@ -271,7 +271,7 @@ mod tests {
         // The directory (parsed here by hand) lists the three ACPI files, sorted, with the RTMR0 inputs.
         let count = u32::from_be_bytes(read_item(&mut dev, KEY_FILE_DIR, 4).try_into().unwrap()) as usize;
         let dir = read_item(&mut dev, KEY_FILE_DIR, 4 + count * 64);
-        let acpi = dstack_acpi::fw_cfg::build(&shape.acpi_shape()).unwrap();
+        let acpi = shape.acpi_fw_cfg().unwrap();
         let mut names = Vec::new();
         for entry in dir[4..].chunks(64) {
             let size = u32::from_be_bytes(entry[0..4].try_into().unwrap()) as usize;

@@ -5,6 +5,7 @@
 //! - [`mr_config`]: the MRCONFIGID binding a TD to its app configuration;
 //! - [`fw_cfg`]: the QEMU-compatible fw_cfg device OVMF reads for direct kernel boot;
 //! - [`quote`]: the GetQuote TDVMCALL forwarded to Intel's quote generation service;
+//! - [`chipset`]: the Q35 MCH/ICH9 LPC registers OVMF touches (the TD presents QEMU's Q35 platform);
 //! - [`devices`]: virtio-pci devices on shared memory, MSI-X routes merged with the IOAPIC's;
 //! - [`exits`]: the TD-specific vCPU exits (GetQuote TDVMCALL, private/shared conversions);
 //! - [`run`]: booting a TD with OVMF direct boot and running its vCPUs.
@@ -13,6 +14,7 @@
 //! this VMM hands to KVM and the firmware is by construction what `dstack-measure` predicts; the tests check it
 //! against the recording fake with Debian's OVMF.
 
+pub mod chipset;
 pub mod cli;
 pub mod devices;
 pub mod exits;
@@ -30,5 +32,7 @@ pub use launch::{LaunchedTd, TdLayout, TdxConfig, TdxError, check_host, launch};
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_devices;
+#[cfg(test)]
+mod tests_power;
 #[cfg(test)]
 mod tests_run;

@@ -9,8 +9,12 @@
 //!
 //! Devices only ever see the shared memory ([`TdMemory`] as their device memory).
 //!
-//! Limit (see `docs/tdx-host.md`): no ACPI power button (control socket) for TDs.
+//! Power management: the TD's ACPI tables are fixed-hardware (`predict::TD_PM_MODEL`), so the PM1 block at
+//! 0x600 (ICH9's PMBASE, [`super::chipset`]) is the OS's power button: PM1 I/O in a TD is a `TDVMCALL<IO>` that
+//! KVM hands to us as an ordinary port exit, and the SCI is an edge on IOAPIC pin 9 (the MADT's SCI override).
+//! The control socket (`--control-socket`) presses the button, as for a `kvm` VM.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +28,7 @@ use super::fw_cfg::{self, DirectBoot};
 use super::launch::{TdxConfig, TdxError, launch};
 use super::quote::QuoteService;
 use super::shared_mem::TdMemory;
-use crate::devices::acpi_pm::{ACPI_PM_LEN, AcpiPm, PM1_EVT_PORT, PM1_LEN, Pm1};
+use crate::devices::acpi_pm::{ACPI_PM_LEN, AcpiPm, PM1_EVT_PORT, PM1_LEN, Pm1, PowerButton, SCI_IRQ};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, Ioapic, spawn_line_forwarder};
 use crate::devices::serial::{COM1_BASE, COM1_LEN, SerialDevice, SerialSink};
@@ -49,6 +53,12 @@ pub enum BootError {
     EventFd(std::io::Error),
     #[error("spawning a thread: {0}")]
     Thread(std::io::Error),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// ISA IRQ of COM1 (identity-mapped to IOAPIC pin 4: our MADT has no override for it).
@@ -62,8 +72,19 @@ pub struct TdRunContext {
     pub ioapic: Arc<Mutex<Ioapic>>,
 }
 
+/// Puts the fixed-hardware PM1 block (PM1_STS/EN, PM1_CNT, PM timer at 0x600..0x60c) on `pio`. Returns the
+/// power button and the SCI line (an eventfd Pm1 signals; the caller forwards it to IOAPIC pin [`SCI_IRQ`]).
+pub fn attach_pm1(pio: &mut Bus) -> Result<(PowerButton, EventFd), BootError> {
+    let sci = EventFd::new(libc::EFD_NONBLOCK).map_err(BootError::EventFd)?;
+    let line = sci.try_clone().map_err(BootError::EventFd)?;
+    let pm1 = Arc::new(Mutex::new(Pm1::new(Some(sci))));
+    pio.insert("acpi-pm1", PM1_EVT_PORT.into(), PM1_LEN, pm1.clone())?;
+    Ok((PowerButton(pm1), line))
+}
+
 /// Boots `boot` as a TD per `cfg`, with the virtio devices `devices` asks for, and runs it until it powers off,
-/// resets, crashes or `timeout` passes.
+/// resets, crashes or `timeout` passes. `control_socket`: serve the power button there (`crate::control`).
+#[allow(clippy::too_many_arguments)]
 pub fn boot_td(
     hv: &dyn TdxHypervisor,
     cfg: &TdxConfig<'_>,
@@ -71,6 +92,7 @@ pub fn boot_td(
     devices: &DeviceConfig,
     sink: SerialSink,
     qgs: Option<Arc<dyn QuoteService>>,
+    control_socket: Option<&Path>,
     timeout: Option<Duration>,
 ) -> Result<VmExit, BootError> {
     let fw_cfg = fw_cfg::for_direct_boot(
@@ -114,22 +136,25 @@ pub fn boot_td(
         ACPI_PM_LEN,
         Arc::new(Mutex::new(AcpiPm)),
     )?;
-    // OVMF on the Cloud Hypervisor host bridge (see `devices`) times its delays with the PM timer at 0x608,
-    // inside this block. The TD's ACPI tables stay hardware-reduced (they do not point the OS here), so this
-    // changes no measured byte; without an SCI the power button is not served (docs/tdx-host.md).
-    pio.insert(
-        "acpi-pm1",
-        PM1_EVT_PORT.into(),
-        PM1_LEN,
-        Arc::new(Mutex::new(Pm1::new(None))),
-    )?;
+    // OVMF times its delays with this block's PM timer (PMBASE + 8) and the OS finds it in the FADT.
+    let (button, sci_line) = attach_pm1(&mut pio)?;
+    if let Some(path) = control_socket {
+        crate::control::serve(path, Some(button)).map_err(|source| BootError::Control {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
     let mut mmio = Bus::new();
     mmio.insert("ioapic", IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())?;
     attach_pci(&td.vm, &router, &mem, cfg.memory_bytes, devices, &mut pio, &mut mmio)?;
     let shared = Arc::new(RunShared::new(pio, mmio, td.shared_memory.clone()));
     let lines_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let lines = spawn_line_forwarder(ioapic.clone(), vec![(irq_line, COM1_PIN)], lines_stop.clone())
-        .map_err(BootError::Thread)?;
+    let lines = spawn_line_forwarder(
+        ioapic.clone(),
+        vec![(irq_line, COM1_PIN), (sci_line, usize::from(SCI_IRQ))],
+        lines_stop.clone(),
+    )
+    .map_err(BootError::Thread)?;
     let ctx = Arc::new(TdRunContext {
         vm: td.vm.clone(),
         mem,

@@ -5,7 +5,8 @@
 //! - `DSTACK_TEST_OVMF`: trixie's `ovmf` package `/usr/share/ovmf/OVMF.fd` (the unified image; `OVMF_CODE_4M.fd`
 //!   alone has no TDVF metadata). Unset: skipped loudly, or a failure under `DSTACK_REQUIRE_FIXTURES=1`.
 //! - `DSTACK_TEST_KERNEL` (optional, with the OVMF): a Debian `vmlinuz`, to run the full RTMR prediction and
-//!   compare its TD HOB event with the HOB the VMM gave the firmware.
+//!   compare its TD HOB and "ACPI DATA" events with the HOB and fw_cfg files the VMM gives the firmware, and
+//!   replay RTMR0 from the predicted log.
 //! - `DSTACK_REQUIRE_KVM=1`: the real-KVM test fails instead of skipping when `/dev/kvm` is missing.
 
 use dstack_measurements::mrtd::{ATTR_MR_EXTEND, ATTR_PAGE_AUG, PageOrder, compute_mrtd, parse_tdvf};
@@ -490,6 +491,49 @@ fn debian_ovmf_launch_reproduces_predicted_mrtd_and_hob() {
     // OVMF hashes the HOB list without its 8-byte END_OF_HOB_LIST terminator.
     let measured = &given[..hob.bytes.len() - 8];
     assert_eq!(hob_event.digest, Sha384::digest(measured).to_vec());
+
+    // The ACPI files the VMM serves, read through the fw_cfg ports as OVMF's QemuFwCfgLib does (select, then
+    // byte reads), hash to the predicted "ACPI DATA" events, in the order loader, rsdp, tables.
+    use crate::devices::BusDevice;
+    let boot = super::fw_cfg::DirectBoot {
+        kernel: &kernel,
+        initrd: b"initrd",
+        cmdline: "console=ttyS0",
+    };
+    let mut fw_cfg = super::fw_cfg::for_direct_boot(&boot, &shape).unwrap();
+    let mut served = Vec::new();
+    for name in ["etc/table-loader", "etc/acpi/rsdp", "etc/acpi/tables"] {
+        let key = fw_cfg.file_key(name).unwrap();
+        let len = fw_cfg.item(key).unwrap().len();
+        fw_cfg.write(0, &key.to_le_bytes());
+        let mut bytes = vec![0u8; len];
+        for b in &mut bytes {
+            let mut one = [0u8];
+            fw_cfg.read(1, &mut one);
+            *b = one[0];
+        }
+        served.push(bytes);
+    }
+    assert_eq!(
+        &served[2][..4],
+        b"FACS",
+        "fixed-hardware tables: the FACS leads the tables file"
+    );
+    let acpi_events: Vec<_> = prediction.events.iter().filter(|e| e.event_type == 0xa).collect();
+    assert_eq!(acpi_events.len(), 3);
+    for (ev, file) in acpi_events.iter().zip(&served) {
+        assert_eq!(ev.event_payload, b"ACPI DATA");
+        assert_eq!(ev.digest, Sha384::digest(file).to_vec());
+    }
+    // RTMR0 replays from the predicted log (extend written out here: RTMR = SHA-384(RTMR || digest)).
+    let mut rtmr0 = [0u8; 48];
+    for ev in prediction.events.iter().filter(|e| e.imr == 0) {
+        let mut h = Sha384::new();
+        h.update(rtmr0);
+        h.update(&ev.digest);
+        rtmr0 = h.finalize().into();
+    }
+    assert_eq!(rtmr0, prediction.rtmr[0]);
 }
 
 #[test]

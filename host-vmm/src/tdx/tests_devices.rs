@@ -353,11 +353,12 @@ fn td_router_refuses_irqchip_routes_and_foreign_pin_routes() {
     );
 }
 
-/// OVMF identifies the platform by the device ID at 00:00.0: a TD's root presents Cloud Hypervisor's host
-/// bridge (8086:0d57, class 06_00_00) through both configuration mechanisms OVMF and Linux use (CF8/CFC and
-/// ECAM), while the `kvm` path keeps QEMU's generic 1b36:0008.
+/// OVMF identifies the platform by the device ID at 00:00.0: a TD presents QEMU's Q35 MCH (8086:29c0, class
+/// 06_00_00) and the ICH9 LPC at 1f.0 (8086:2918) through both configuration mechanisms OVMF and Linux use
+/// (CF8/CFC and ECAM), while the `kvm` path keeps QEMU's generic 1b36:0008. The BAR windows on the MMIO bus
+/// are the TD layout's (OVMF's apertures).
 #[test]
-fn td_host_bridge_is_cloud_hypervisors() {
+fn td_presents_the_q35_chipset() {
     let fw = synthetic_tdvf();
     let hv = fake_tdx_host();
     let td = launch(&hv, &TdxConfig::new(&fw, RAM, 1)).unwrap();
@@ -379,12 +380,20 @@ fn td_host_bridge_is_cloud_hypervisors() {
     let mut id = [0u8; 4];
     assert!(pio.write(cf8, &0x8000_0000u32.to_le_bytes()).is_some());
     assert!(pio.read(cf8 + 4, &mut id));
-    assert_eq!(u32::from_le_bytes(id), 0x0d57_8086, "CF8/CFC at 00:00.0");
-    let ecam = PciLayout::for_ram(RAM).ecam;
+    assert_eq!(u32::from_le_bytes(id), 0x29c0_8086, "CF8/CFC at 00:00.0");
+    let layout = dstack_measurements::predict::platform::td_pci_layout(RAM);
+    let ecam = layout.ecam;
     assert!(mmio.read(ecam, &mut id));
-    assert_eq!(u32::from_le_bytes(id), 0x0d57_8086, "ECAM at 00:00.0");
+    assert_eq!(u32::from_le_bytes(id), 0x29c0_8086, "ECAM at 00:00.0");
     assert!(mmio.read(ecam + 8, &mut id));
     assert_eq!(u32::from_le_bytes(id) >> 8, 0x06_00_00, "class: host bridge");
+    assert!(mmio.read(ecam + (0x1f << 15), &mut id));
+    assert_eq!(u32::from_le_bytes(id), 0x2918_8086, "ECAM at 00:1f.0");
+    // Both windows (OVMF's 32-bit aperture and the 64-bit range up to 2^46) are decoded by the root: no BAR
+    // decodes there yet, so reads float high instead of missing the bus.
+    for addr in [layout.mem32.0, layout.ecam - 4, layout.mem64.0, (1u64 << 46) - 4] {
+        assert!(mmio.read(addr, &mut id), "{addr:#x} is on the bus");
+    }
     // The kvm path's root is unchanged.
     let mut kvm = crate::pci::PciBusDevice {
         root: Arc::new(Mutex::new(crate::pci::PciRoot::new(PciLayout::for_ram(RAM)))),

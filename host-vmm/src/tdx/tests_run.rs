@@ -389,6 +389,7 @@ fn boot_td_runs_firmware_io_td_exits_and_serial_interrupts() {
         &Default::default(),
         sink,
         None,
+        None,
         Some(std::time::Duration::from_secs(20)),
     )
     .unwrap();

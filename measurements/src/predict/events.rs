@@ -137,7 +137,7 @@ pub fn acpi_data(file: &[u8]) -> TdxEvent {
     event(0, EV_PLATFORM_CONFIG_FLAGS, sha384(file), b"ACPI DATA".to_vec())
 }
 
-/// BootOrder = [0] and Boot0000 = OVMF's UiApp; the digest covers only the variable's data.
+/// BootOrder = `[0]` and Boot0000 = OVMF's UiApp; the digest covers only the variable's data.
 pub fn boot_variables() -> Vec<TdxEvent> {
     let order = 0u16.to_le_bytes();
     let mut option = 0x109u32.to_le_bytes().to_vec(); // ACTIVE | HIDDEN | CATEGORY_APP

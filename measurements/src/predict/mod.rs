@@ -1,32 +1,41 @@
 //! Prediction of MRTD and RTMR0-2 — and the full boot event log — for a TD that our VMM boots with OVMF
-//! (TDVF) and a direct kernel boot: the `tdx` backend's boot path (host-vmm hands OVMF the kernel, initrd,
-//! command line and ACPI tables through fw_cfg, like QEMU).
+//! (TDVF) and a direct kernel boot: the `tdx` backend's boot path (host-vmm presents QEMU's Q35 chipset and
+//! hands OVMF the kernel, initrd, command line and ACPI tables through fw_cfg, like QEMU; why Q35: [`platform`]).
 //!
 //! What each register covers (tdx-facts §2–§3; the order is the order OVMF logs them):
 //! - **MRTD**: the firmware's TDVF sections, single-pass page order (how our VMM issues
 //!   `KVM_TDX_INIT_MEM_REGION`, one call per section in metadata order).
 //! - **RTMR0**: TD HOB ([`hob`]), CFV (the TDVF CFV section's bytes), SecureBoot/PK/KEK/db/dbx (absent),
-//!   separator, the three fw_cfg ACPI files ([`dstack_acpi::fw_cfg`]: loader, rsdp, tables), BootOrder and
-//!   Boot0000.
+//!   separator, the three fw_cfg ACPI files ([`VmShape::acpi_fw_cfg`]: loader, rsdp, tables; fixed-hardware
+//!   tables with the PCI windows of [`platform::td_pci_layout`]), BootOrder and Boot0000.
 //! - **RTMR1**: Authenticode SHA-384 of the loader-patched kernel ([`loader`]), "Calling EFI Application
 //!   from Boot Option", separator, "Exit Boot Services Invocation", "Exit Boot Services Returned with
 //!   Success".
 //! - **RTMR2**: the command line OVMF passes to the kernel (`cmdline + " initrd=initrd"` when there is an
 //!   initrd, UTF-16LE + NUL) and SHA-384 of the initrd.
 //!
-//! Not confirmable here (no TDX hardware, no run of our VMM under OVMF): that OVMF logs exactly these
-//! RTMR0 events for our fw_cfg content (the event set and payload layouts match a real dstack TD booted by
-//! QEMU with OVMF 2025.02-era firmware; edk2-stable202505 and later add BootMenu/bootorder fw_cfg,
-//! EV_EFI_VARIABLE_AUTHORITY and a second boot option), that the CFV digest is the hash of the whole TDVF
-//! CFV section, and that the TD HOB is measured without its END_OF_HOB_LIST terminator.
+//! Confirmed by reading edk2-stable202502 (the base of the image's OVMF): with a Q35 host bridge OVMF installs
+//! its ACPI tables with the fw_cfg table loader and measures `etc/table-loader` and each ALLOCATEd blob as
+//! EV_PLATFORM_CONFIG_FLAGS "ACPI DATA" before linking them (`AcpiPlatformLib/QemuFwCfgAcpi.c`:
+//! `InstallQemuFwCfgTables`, `ProcessCmdAllocate`); nothing else about the tables is extended. host-vmm serves
+//! exactly [`VmShape::acpi_fw_cfg`] and writes exactly [`hob::build`] (tested against the recording fake).
+//!
+//! Not confirmable here (no TDX hardware, no run of our VMM under OVMF): that OVMF logs exactly these RTMR0
+//! events in this order for our fw_cfg content (the event set and payload layouts match a real dstack TD
+//! booted by QEMU with OVMF 2025.02-era firmware; edk2-stable202505 and later add BootMenu/bootorder fw_cfg,
+//! EV_EFI_VARIABLE_AUTHORITY and a second boot option), in particular that the rsdp blob is measured before
+//! the tables blob, that the CFV digest is the hash of the whole TDVF CFV section, and that the TD HOB is
+//! measured without its END_OF_HOB_LIST terminator.
 
 pub mod events;
 pub mod hob;
 pub mod image;
 pub mod loader;
+pub mod platform;
 
+use dstack_acpi::fw_cfg::AcpiFwCfg;
 use dstack_acpi::layout::PciLayout;
-use dstack_acpi::tables::AcpiShape;
+use dstack_acpi::tables::{AcpiError, AcpiShape, PmModel};
 
 use crate::authenticode::{PeError, authenticode_sha384};
 use crate::eventlog::{ReplayError, TdxEvent, replay};
@@ -56,14 +65,28 @@ pub struct VmShape {
 pub const MIN_MEMORY: u64 = 64 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
 
+/// The TD's ACPI power-management model: fixed hardware (FACS, PM1a blocks at ICH9's PMBASE 0x600, SCI 9), so
+/// the host can press the power button; OVMF's Q35 code already uses the same PM1 block ([`platform`]).
+pub const TD_PM_MODEL: PmModel = PmModel::FixedHardware;
+
 impl VmShape {
+    /// The TD's PCI layout ([`platform::td_pci_layout`]: the windows OVMF computes on Q35).
+    pub fn pci_layout(&self) -> PciLayout {
+        platform::td_pci_layout(self.memory_bytes)
+    }
+
     /// The ACPI shape our VMM uses for this VM: every VM has virtio-pci devices, so the PCI root bridge is
     /// always described.
     pub fn acpi_shape(&self) -> AcpiShape {
         AcpiShape {
             vcpus: self.vcpus,
-            pci: Some(PciLayout::for_ram(self.memory_bytes)),
+            pci: Some(self.pci_layout()),
         }
+    }
+
+    /// The three fw_cfg ACPI files of this TD — what host-vmm serves and what RTMR0's "ACPI DATA" events hash.
+    pub fn acpi_fw_cfg(&self) -> Result<AcpiFwCfg, AcpiError> {
+        dstack_acpi::fw_cfg::build_for(&self.acpi_shape(), TD_PM_MODEL)
     }
 }
 
@@ -126,7 +149,7 @@ pub fn predict(inputs: &BootInputs<'_>, shape: &VmShape) -> Result<Prediction, P
         .firmware
         .get(cfv_start..cfv_start.saturating_add(cfv_section.raw_data_size as usize))
         .ok_or(PredictError::NoCfv)?;
-    let acpi = dstack_acpi::fw_cfg::build(&shape.acpi_shape())?;
+    let acpi = shape.acpi_fw_cfg()?;
     let patched = loader::patch_kernel(inputs.kernel, inputs.initrd.len() as u64, mem)?;
     let kernel_digest = authenticode_sha384(&patched)?;
 
