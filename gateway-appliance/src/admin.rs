@@ -128,6 +128,12 @@ impl AdminState {
                 ("{direction=\"down\"}".into(), n(s.bytes_down.load(Relaxed))),
             ],
         );
+        metric(
+            "dstack_gateway_bytes_spliced_total",
+            "counter",
+            "Proxied bytes moved by splice(2) without a userspace copy (TLS passthrough bulk data).",
+            &[(String::new(), n(s.bytes_spliced.load(Relaxed)))],
+        );
         let instances = self.proxy.table.instances();
         metric(
             "dstack_gateway_instances",

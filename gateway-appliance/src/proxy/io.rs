@@ -93,14 +93,19 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
-/// `write_all` under a timeout; the timer is only armed if the first attempt cannot finish at
-/// once (the common case on a healthy socket costs no timer registration).
+/// `write_all` under a timeout (see [`timed`]).
 pub(crate) async fn write_all_timed<W: AsyncWrite + Unpin>(
     w: &mut W,
     data: &[u8],
     t: Duration,
 ) -> Result<(), PumpError> {
-    let mut fut = std::pin::pin!(w.write_all(data));
+    timed(w.write_all(data), t).await
+}
+
+/// Runs `fut` under a timeout that is only armed if the first poll cannot finish it (the common case on a
+/// healthy socket costs no timer registration).
+pub(crate) async fn timed<T>(fut: impl Future<Output = io::Result<T>>, t: Duration) -> Result<T, PumpError> {
+    let mut fut = std::pin::pin!(fut);
     if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         return Ok(r?);
     }
@@ -110,7 +115,7 @@ pub(crate) async fn write_all_timed<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn shutdown_timed<W: AsyncWrite + Unpin>(w: &mut W, t: Duration) {
+pub(crate) async fn shutdown_timed<W: AsyncWrite + Unpin>(w: &mut W, t: Duration) {
     // Best effort: the peer may already be gone.
     let _ = tokio::time::timeout(t, w.shutdown()).await;
 }
@@ -120,13 +125,19 @@ async fn shutdown_timed<W: AsyncWrite + Unpin>(w: &mut W, t: Duration) {
 const INITIAL_BUFFER: usize = 4096;
 
 /// Milliseconds since the pump started at which data last moved (shared by both directions).
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+    pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
@@ -135,8 +146,23 @@ impl Activity {
     }
 }
 
-/// One direction: read, write, until EOF (then forward the half-close).
-async fn copy_one_way<R, W>(r: &mut R, w: &mut W, limits: &PumpLimits, activity: &Activity) -> Result<u64, PumpError>
+/// How a buffered copy of one direction ended.
+pub(crate) enum CopyEnd {
+    /// The reader reached EOF (the half-close was forwarded); bytes moved.
+    Eof(u64),
+    /// `bulk_after` bytes were moved: the caller continues the direction another way.
+    Bulk(u64),
+}
+
+/// One direction: read, write, until EOF (then forward the half-close) or until at least `bulk_after` bytes
+/// have moved (everything read has been written by then).
+pub(crate) async fn copy_until<R, W>(
+    r: &mut R,
+    w: &mut W,
+    limits: &PumpLimits,
+    activity: &Activity,
+    bulk_after: u64,
+) -> Result<CopyEnd, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -145,10 +171,13 @@ where
     let mut buf = vec![0u8; INITIAL_BUFFER.min(max)];
     let mut moved = 0u64;
     loop {
+        if moved >= bulk_after {
+            return Ok(CopyEnd::Bulk(moved));
+        }
         let n = r.read(&mut buf).await?;
         if n == 0 {
             shutdown_timed(w, limits.write).await;
-            return Ok(moved);
+            return Ok(CopyEnd::Eof(moved));
         }
         activity.touch();
         write_all_timed(w, buf.get(..n).unwrap_or_default(), limits.write).await?;
@@ -156,6 +185,17 @@ where
         if n == buf.len() && buf.len() < max {
             buf.resize((buf.len() * 2).min(max), 0);
         }
+    }
+}
+
+/// One direction, buffered, until EOF.
+async fn copy_one_way<R, W>(r: &mut R, w: &mut W, limits: &PumpLimits, activity: &Activity) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match copy_until(r, w, limits, activity, u64::MAX).await? {
+        CopyEnd::Eof(n) | CopyEnd::Bulk(n) => Ok(n),
     }
 }
 
@@ -172,12 +212,19 @@ where
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: std::sync::atomic::AtomicU64::new(0),
-    };
+    let activity = Activity::new();
     let up = copy_one_way(&mut ar, &mut bw, &limits, &activity);
     let down = copy_one_way(&mut br, &mut aw, &limits, &activity);
+    drive(up, down, &limits, &activity).await
+}
+
+/// Runs the two directions of a pump to completion under the idle and total timeouts.
+pub(crate) async fn drive(
+    up: impl Future<Output = Result<u64, PumpError>>,
+    down: impl Future<Output = Result<u64, PumpError>>,
+    limits: &PumpLimits,
+    activity: &Activity,
+) -> Result<Transferred, PumpError> {
     tokio::pin!(up, down);
     let idle = tokio::time::sleep(limits.idle);
     let total = tokio::time::sleep(limits.total);

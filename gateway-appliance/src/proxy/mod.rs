@@ -3,6 +3,7 @@
 
 pub mod io;
 pub mod pp;
+pub mod splice;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -82,6 +83,8 @@ pub struct Stats {
     pub bytes_up: AtomicU64,
     /// Bytes app → client.
     pub bytes_down: AtomicU64,
+    /// Of those, bytes moved by splice(2) (passthrough bulk data, never copied to userspace).
+    pub bytes_spliced: AtomicU64,
 }
 
 /// Everything a connection handler needs.
@@ -197,7 +200,9 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, state: &ProxyState)
             };
             first.extend_from_slice(&buf);
             write_timed(&mut backend, &first, cfg.timeouts.write).await?;
-            pump(client, backend, limits).await?
+            let (moved, spliced) = splice::pump_tcp(client, backend, limits).await?;
+            stats.bytes_spliced.fetch_add(spliced, Ordering::Relaxed);
+            moved
         }
         TlsMode::Terminate | TlsMode::TerminateH2 => {
             let tls_cfg = state.tls.config(dest.mode == TlsMode::TerminateH2)?;
