@@ -132,6 +132,35 @@ if shutil.which("cryptsetup"):
 else:
     print("luks_header: cryptsetup missing; seeds skipped", file=sys.stderr)
 
+# --- LUKS disk decision: [ctl][image head]; see fuzz_targets/common/luks_disk.rs ---
+put("luks_disk", "blank", b"\x00")
+if shutil.which("cryptsetup"):
+    with tempfile.TemporaryDirectory() as d:
+        img = os.path.join(d, "disk.img")
+        with open(img, "wb") as f:
+            f.truncate(20 << 20)
+        subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
+                        "--key-size", "512", "--offset", "32768", "--sector-size", "512", "--pbkdf", "pbkdf2",
+                        "--pbkdf-force-iterations", "1000", "--hash", "sha256", "--key-file", "-", img],
+                       input=b"00" * 32, check=True)
+        with open(img, "rb") as f:
+            head = f.read(0x8000)  # primary header + JSON area, then the secondary header at 0x4000
+        put("luks_disk", "formatted", b"\x00" + head)
+        put("luks_disk", "primary-wiped", b"\x10" + head)
+        put("luks_disk", "secondary-at-1m", b"\x07" + head[:0x4000])
+else:
+    print("luks_disk: cryptsetup missing; LUKS seeds skipped", file=sys.stderr)
+if shutil.which("mkfs.ext4"):
+    with tempfile.TemporaryDirectory() as d:
+        img = os.path.join(d, "ext4.img")
+        with open(img, "wb") as f:
+            f.truncate(8 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True)
+        with open(img, "rb") as f:
+            put("luks_disk", "ext4", b"\x00" + f.read(0x10000))
+else:
+    print("luks_disk: mkfs.ext4 missing; ext4 seed skipped", file=sys.stderr)
+
 # --- virtio: [flags][queue headers: size, desc, avail, used (u16 LE each)][memory image from address 0] ---
 def desc(addr, length, flags, nxt):
     return struct.pack("<QIHH", addr, length, flags, nxt)

@@ -205,6 +205,8 @@ pub async fn bootstrap(
         )));
     }
     let keys = generate(domain, tee, attest_rpc_cert).await?;
+    // A node with its own root follows no source (a record left by an onboarding that never completed).
+    crate::replication::remove_source(store.dir())?;
     let store = store.clone();
     // Blocking file I/O with fsyncs: off the reactor. The key set moves in and back out.
     let keys = tokio::task::spawn_blocking(move || store.save_new(&keys).map(|()| keys))
@@ -297,12 +299,9 @@ impl OnboardRpc for OnboardService {
                 .merge_crl(crl, now_secs(), &note)
                 .map_err(rpc_err)?;
         }
-        let store = self.store.clone();
-        let keys = onboarded.keys;
-        let keys = tokio::task::spawn_blocking(move || store.save_new(&keys).map(|()| keys))
-            .await
-            .map_err(|e| RpcError::Internal(format!("writer task failed: {e}")))?
-            .map_err(rpc_err)?;
+        // The source record before the keys: a node killed right after its key set is in place must still
+        // follow the source's revocations when it restarts (a record without keys is replaced by the next
+        // Onboard, or removed by a Bootstrap).
         crate::replication::save_source(
             self.store.dir(),
             &crate::replication::ReplicationSource {
@@ -310,6 +309,12 @@ impl OnboardRpc for OnboardService {
             },
         )
         .map_err(rpc_err)?;
+        let store = self.store.clone();
+        let keys = onboarded.keys;
+        let keys = tokio::task::spawn_blocking(move || store.save_new(&keys).map(|()| keys))
+            .await
+            .map_err(|e| RpcError::Internal(format!("writer task failed: {e}")))?
+            .map_err(rpc_err)?;
         self.ctx.revocations.follow(&onboarded.source_url);
         *done = true;
         tracing::info!(

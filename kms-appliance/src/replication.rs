@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::KmsError;
 use crate::revocation::{RevocationStore, SourceCrl};
-use crate::store::write_atomic;
+use crate::store::{create_private_dir, write_atomic};
 
 /// File in `cert_dir` naming the source a replica follows.
 pub const SOURCE_FILE: &str = "replication-source.json";
@@ -59,7 +59,19 @@ pub fn load_source(cert_dir: &Path) -> Result<Option<ReplicationSource>, KmsErro
 
 pub fn save_source(cert_dir: &Path, source: &ReplicationSource) -> Result<(), KmsError> {
     let data = serde_json::to_vec_pretty(source).map_err(|e| KmsError::Storage(format!("{SOURCE_FILE}: {e}")))?;
+    // Written before the key set on onboarding, so cert_dir may not exist yet.
+    create_private_dir(cert_dir)?;
     write_atomic(&cert_dir.join(SOURCE_FILE), &data, 0o644)
+}
+
+/// Forgets the source (a node that bootstraps its own root follows nobody).
+pub fn remove_source(cert_dir: &Path) -> Result<(), KmsError> {
+    match std::fs::remove_file(cert_dir.join(SOURCE_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(KmsError::Storage(format!("removing {SOURCE_FILE}: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A `Revocation` client for `url` whose server certificate must chain to `root` (name checked).

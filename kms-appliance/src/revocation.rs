@@ -23,7 +23,7 @@ use dstack_ra_tls::{AppRevocation, CaCert, CrlContent, RevocationSet, RevokedSer
 use serde::{Deserialize, Serialize};
 
 use crate::KmsError;
-use crate::store::write_atomic;
+use crate::store::{create_private_dir, write_atomic};
 
 /// File in `cert_dir`.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
@@ -196,12 +196,7 @@ impl RevocationStore {
         // A replica merges the source's list before its keys are stored: cert_dir may not exist yet (created
         // as the key store does, private).
         if let Some(dir) = self.path.parent() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| KmsError::Storage(format!("creating {}: {e}", dir.display())))?;
+            create_private_dir(dir)?;
         }
         write_atomic(&self.path, &data, 0o644)?;
         *guard = State {

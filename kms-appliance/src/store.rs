@@ -214,11 +214,7 @@ impl KeyStore {
 
     /// Writes a complete key set; refuses when any key file already exists.
     pub fn save_new(&self, keys: &KeyMaterial) -> Result<(), KmsError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io(format!("creating {}", self.dir.display())))?;
+        create_private_dir(&self.dir)?;
         self.recover_interrupted()?;
         let existing = self.existing_files();
         if !existing.is_empty() {
@@ -270,6 +266,15 @@ fn sync_dir(dir: &Path) -> Result<(), KmsError> {
 
 /// Writes `data` to `path` atomically: a new temp file in the same directory (created with `mode`, so a
 /// secret is never readable by others, not even briefly), fsync, rename over `path`, fsync the directory.
+/// Creates `dir` (and its parents) private to the KMS user, if missing.
+pub fn create_private_dir(dir: &Path) -> Result<(), KmsError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))
+}
+
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KmsError> {
     let dir = path
         .parent()

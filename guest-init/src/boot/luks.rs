@@ -1,8 +1,9 @@
 //! The LUKS2 data disk (DESIGN.md §3 step 6), through `cryptsetup`, `blkid`, `mkfs.ext4`, `e2fsck`.
 //!
 //! - Probe: a LUKS magic at any LUKS2 header offset → existing LUKS; else any signature `blkid -p` finds
-//!   (filesystem, partition table, …) → refuse; else blank → format. A disk is never formatted if it
-//!   has anything on it.
+//!   (filesystem, partition table, …) → refuse; else, for the raw data disk ([`probe_data_disk`]), any
+//!   nonzero byte in its first 16 MiB or last 1 MiB → refuse (blkid recognises neither damaged headers nor
+//!   foreign data); else blank → format. A disk is never formatted if it has anything on it.
 //! - Format: `luksFormat --type luks2 --cipher aes-xts-plain64 --key-size 512 --offset 32768
 //!   --sector-size 512 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --hash sha256 -d -` (dstack's layout;
 //!   the passphrase is 256 random bits, so stretching buys nothing), passphrase on stdin.
@@ -67,6 +68,60 @@ fn read_at(dev: &Path, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let got = f.read_at(&mut buf, off)?;
     buf.truncate(got);
     Ok(buf)
+}
+
+/// Bytes at the head of a blank-looking raw disk that must read as zeros (the LUKS2 header area, where every
+/// common filesystem and partition table also keeps its signature) and at its tail (backup GPT, RAID
+/// superblocks).
+const ZEROED_HEAD: u64 = PAYLOAD_OFFSET;
+const ZEROED_TAIL: u64 = 1 << 20;
+
+/// [`probe`] for the raw data disk: a disk that carries no signature must also read as zeros at its head and
+/// tail before it counts as blank. A fresh (sparse) disk does; a damaged LUKS header, random data or an
+/// unknown format does not, and formatting it would destroy what is there.
+pub fn probe_data_disk(dev: &Path) -> Result<Probe, LuksError> {
+    let found = probe(dev)?;
+    if found != Probe::Blank {
+        return Ok(found);
+    }
+    let io = |e: std::io::Error| LuksError::Io {
+        device: dev.display().to_string(),
+        reason: e.to_string(),
+    };
+    match first_nonzero(dev).map_err(io)? {
+        Some(at) => Ok(Probe::Other(format!(
+            "unrecognised nonzero data (no known signature) at offset {at:#x}"
+        ))),
+        None => Ok(Probe::Blank),
+    }
+}
+
+/// The first nonzero byte in the head and tail regions of `dev` ([`ZEROED_HEAD`], [`ZEROED_TAIL`]).
+fn first_nonzero(dev: &Path) -> std::io::Result<Option<u64>> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut f = std::fs::File::open(dev)?;
+    // Seeking works for block devices too (their metadata length is 0).
+    let size = f.seek(SeekFrom::End(0))?;
+    let head = 0..size.min(ZEROED_HEAD);
+    let tail = size.saturating_sub(ZEROED_TAIL).max(head.end)..size;
+    let mut buf = vec![0u8; 1 << 20];
+    for range in [head, tail] {
+        let mut off = range.start;
+        while off < range.end {
+            let want = usize::try_from((range.end - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            let chunk = buf.get_mut(..want).unwrap_or_default();
+            let n = f.read_at(chunk, off)?;
+            if n == 0 {
+                break;
+            }
+            if let Some(i) = chunk.get(..n).unwrap_or_default().iter().position(|&b| b != 0) {
+                return Ok(Some(off + i as u64));
+            }
+            off += n as u64;
+        }
+    }
+    Ok(None)
 }
 
 /// Looks at the disk (own magic check first, then `blkid -p`; a blkid error counts as "something").
@@ -426,7 +481,7 @@ pub const DATA_MAPPER_NAME: &str = "dstack_data_disk";
 /// Full data-disk setup: probe → (format) → validate header → open → ext4 → mount. Returns the mapper
 /// device path.
 pub fn setup_data_disk(dev: &Path, key: &[u8], private_dir: &Path, mount_point: &Path) -> Result<PathBuf, LuksError> {
-    match probe(dev)? {
+    match probe_data_disk(dev)? {
         Probe::Blank => {
             tracing::info!("data disk {}: blank, formatting", dev.display());
             format(dev, key)?;
