@@ -233,6 +233,27 @@ async fn over_allocation_bad_config_and_cid_reuse() {
     }
 }
 
+/// The simulated TDX module of VM `id` (it answers beside the VM on `<uds>_10001`).
+fn sim_of(env: &Env, id: &str) -> dstack_rpc::sim_tdx::SimTdxClient<Client> {
+    dstack_rpc::sim_tdx::SimTdxClient::new(Client::unix(env.run_dir(id).join("vsock.sock_10001"), ""))
+}
+
+/// Extends RTMR3 of VM `id` with runtime event `name` (empty payload), as its guest-init would; returns the
+/// registers after it.
+async fn extend_rtmr3(env: &Env, id: &str, name: &str) -> dstack_rpc::sim_tdx::Measurements {
+    let ev = dstack_measurements::eventlog::RuntimeEvent::new(name, Vec::new());
+    let sim = sim_of(env, id);
+    sim.extend_rtmr(dstack_rpc::sim_tdx::ExtendRtmrRequest {
+        index: 3,
+        digest: ev.digest().to_vec(),
+        event: Some(name.into()),
+        payload: Some(Vec::new()),
+    })
+    .await
+    .unwrap();
+    sim.get_rtmrs().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_restart_keeps_state_and_readopts() {
     let env = Env::new();
@@ -243,6 +264,10 @@ async fn daemon_restart_keeps_state_and_readopts() {
     s.stopped = true;
     let off = c.create_vm(s).await.unwrap().id;
     let pid = pid_of(&env, &running);
+    // The guest measures something into RTMR3 through its simulated TDX module.
+    let initial = sim_of(&env, &running).get_rtmrs().await.unwrap();
+    let measured = extend_rtmr3(&env, &running, "compose-hash").await;
+    assert_ne!(measured.rtmr3, initial.rtmr3);
     mgr.detach();
     drop(c);
     drop(mgr);
@@ -253,6 +278,24 @@ async fn daemon_restart_keeps_state_and_readopts() {
     let vm = info(&c, &running).await;
     assert_eq!(vm.status, "running");
     assert_eq!(pid_of(&env, &running), pid, "re-adopted, not restarted");
+    // Its module kept what the running boot measured (a fresh one would make every later quote disagree with
+    // the guest's event log), and goes on from there.
+    let sim = sim_of(&env, &running);
+    assert_eq!(
+        sim.get_rtmrs().await.unwrap(),
+        measured,
+        "RTMRs lost across the daemon restart"
+    );
+    assert_eq!(
+        sim.get_runtime_event_log()
+            .await
+            .unwrap()
+            .event_log
+            .matches("compose-hash")
+            .count(),
+        1
+    );
+    extend_rtmr3(&env, &running, "after-readopt").await;
     assert_eq!(info(&c, &off).await.status, "stopped");
     assert_eq!(cid_of(&env, &running), 1000);
     // The CID stays reserved across the restart.
@@ -279,6 +322,8 @@ async fn daemon_restart_keeps_state_and_readopts() {
     let c = client(&mgr);
     assert_eq!(info(&c, &running).await.status, "running");
     assert_ne!(pid_of(&env, &running), pid);
+    // A new boot: the module starts again from the initial registers.
+    assert_eq!(sim_of(&env, &running).get_rtmrs().await.unwrap(), initial);
     for id in [running, off, new] {
         c.remove_vm(Id { id }).await.unwrap();
     }
@@ -295,8 +340,10 @@ async fn killed_vm_is_restarted_with_backoff_then_given_up() {
     let c = client(&mgr);
     let id = c.create_vm(vm_config("crashy", 1, 256)).await.unwrap().id;
     let mut delays = Vec::new();
+    let initial = sim_of(&env, &id).get_rtmrs().await.unwrap();
     for round in 1..=2u32 {
         let pid = pid_of(&env, &id);
+        extend_rtmr3(&env, &id, "boot-measured").await;
         let killed = Instant::now();
         // SAFETY: plain kill(2) of the VM process this test started.
         unsafe {
@@ -311,6 +358,9 @@ async fn killed_vm_is_restarted_with_backoff_then_given_up() {
         })
         .await;
         delays.push(killed.elapsed());
+        // A restart is a new boot: its simulated TDX module starts from the initial registers again.
+        let fresh = async || sim_of(&env, &id).get_rtmrs().await.ok() == Some(initial.clone());
+        wait_until("a fresh simulated TDX module", Duration::from_secs(5), fresh).await;
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(env.run_dir(&id).join("vm-state.json")).unwrap()).unwrap();
         assert_eq!(state["restarts"], round);

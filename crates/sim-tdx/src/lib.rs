@@ -28,6 +28,7 @@
 //! Errors are HTTP 400 with `{"error": …}` (JSON) or a protobuf `PrpcError`.
 
 pub mod fixture;
+mod journal;
 mod service;
 
 use std::path::{Path, PathBuf};
@@ -210,6 +211,8 @@ struct State {
     report: TdReport,
     boot_log: Vec<TdxEvent>,
     runtime_log: Vec<TdxEvent>,
+    /// Where accepted extensions are recorded, if anywhere ([`SimTdx::new_journaled`]).
+    journal: Option<journal::Journal>,
 }
 
 /// The simulated TDX module of one VM.
@@ -236,6 +239,7 @@ impl SimTdx {
                 report,
                 boot_log: init.boot_event_log.clone(),
                 runtime_log: Vec::new(),
+                journal: None,
             }),
         })
     }
@@ -294,6 +298,10 @@ impl SimTdx {
         };
         debug_assert!(entry.event_type != DSTACK_RUNTIME_EVENT_TYPE || entry.imr == 3);
         let mut state = self.lock();
+        // Recorded first: the journal never holds less than what the guest was told succeeded.
+        if let Some(j) = &mut state.journal {
+            j.record(&entry)?;
+        }
         if let Some(rtmr) = state.report.rtmr.get_mut(index as usize) {
             extend(rtmr, &digest);
         }

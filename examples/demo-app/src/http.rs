@@ -8,6 +8,8 @@ use std::io::{self, Read, Write};
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Longest response body we accept from the guest agent (its Info carries the event log).
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
+/// Longest request body we accept (only `POST` requests carry one: a record payload).
+pub const MAX_REQUEST_BODY: usize = 128 * 1024;
 
 /// Why a message could not be parsed.
 #[derive(Debug)]
@@ -45,6 +47,8 @@ pub struct Request {
     pub method: String,
     /// Path without the query string.
     pub path: String,
+    /// The body of a `POST` (by its Content-Length); empty for other methods.
+    pub body: Vec<u8>,
 }
 
 /// A parsed response.
@@ -82,9 +86,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Reads and parses a request head (the body, if any, is ignored: no route takes one).
+/// Reads and parses a request head, and the body of a `POST` (other methods' bodies are ignored).
 pub fn read_request(r: &mut impl Read) -> Result<Request, HttpError> {
-    let (head, _) = read_head(r)?;
+    let (head, rest) = read_head(r)?;
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
@@ -95,10 +99,53 @@ pub fn read_request(r: &mut impl Read) -> Result<Request, HttpError> {
         return Err(HttpError::Malformed(format!("version {version:?}")));
     }
     let path = target.split('?').next().unwrap_or_default();
+    let body = if method == "POST" {
+        read_request_body(&head, rest, r)?
+    } else {
+        Vec::new()
+    };
     Ok(Request {
         method: method.to_string(),
         path: path.to_string(),
+        body,
     })
+}
+
+/// Reads exactly Content-Length bytes (required, at most [`MAX_REQUEST_BODY`]) after the head.
+fn read_request_body(head: &str, mut rest: Vec<u8>, r: &mut impl Read) -> Result<Vec<u8>, HttpError> {
+    let mut length = None;
+    for line in head.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(HttpError::Malformed(format!("header line {line:?}")));
+        };
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HttpError::Malformed("Transfer-Encoding in a request".into()));
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let value = value.trim();
+            let n = value
+                .parse::<usize>()
+                .map_err(|_| HttpError::Malformed(format!("Content-Length {value:?}")))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
+            }
+            length = Some(n);
+        }
+    }
+    let n = length.ok_or_else(|| HttpError::Malformed("POST without Content-Length".into()))?;
+    if n > MAX_REQUEST_BODY {
+        return Err(HttpError::TooLarge("request body"));
+    }
+    if rest.len() < n {
+        let missing = n - rest.len();
+        let before = rest.len();
+        r.take(missing as u64).read_to_end(&mut rest)?;
+        if rest.len() - before < missing {
+            return Err(HttpError::Malformed(format!("body has {} of {n} bytes", rest.len())));
+        }
+    }
+    rest.truncate(n);
+    Ok(rest)
 }
 
 /// Writes a complete response and flushes.
@@ -108,6 +155,8 @@ pub fn write_response(w: &mut impl Write, status: u16, content_type: &str, body:
         404 => "Not Found",
         405 => "Method Not Allowed",
         400 => "Bad Request",
+        413 => "Payload Too Large",
+        500 => "Internal Server Error",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         _ => "Status",
@@ -203,9 +252,44 @@ mod tests {
             req,
             Request {
                 method: "GET".into(),
-                path: "/info".into()
+                path: "/info".into(),
+                body: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn reads_post_bodies_by_content_length() {
+        let mut raw: &[u8] = b"POST /records/1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloEXTRA";
+        let req = read_request(&mut raw).unwrap();
+        assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/records/1"));
+        assert_eq!(req.body, b"hello");
+        // The body may arrive after the head, in pieces.
+        let mut raw = std::io::Read::chain(&b"POST /x HTTP/1.1\r\ncontent-length: 3\r\n\r\na"[..], &b"bc"[..]);
+        assert_eq!(read_request(&mut raw).unwrap().body, b"abc");
+        // GET bodies stay ignored.
+        let mut raw: &[u8] = b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        assert!(read_request(&mut raw).unwrap().body.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_post_bodies() {
+        let too_big = format!("POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_REQUEST_BODY + 1);
+        assert!(matches!(
+            read_request(&mut too_big.as_bytes()),
+            Err(HttpError::TooLarge(_))
+        ));
+        for raw in [
+            &b"POST /x HTTP/1.1\r\n\r\nabc"[..],
+            b"POST /x HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc",
+            b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            let mut r = raw;
+            assert!(read_request(&mut r).is_err(), "{:?}", String::from_utf8_lossy(raw));
+        }
     }
 
     #[test]

@@ -5,14 +5,20 @@
 //! - `GET /info` — the CVM identity (app_id, instance_id, compose_hash, …) from the dstack guest agent on
 //!   its unix socket; a 503 JSON error saying so when the socket is absent.
 //! - `GET /health` — `ok`.
+//! - `POST /records/<seq>` (body: payload) — appends a checksummed record to `$RECORDS_DIR/records.log` and
+//!   answers only after it is fsynced; `GET /records` — the records found, a torn last record and any
+//!   corruption (see [`records`]). For crash tests; HTTP 503 when `RECORDS_DIR` is not set.
 //!
-//! Environment: `PORT` (default 8080), `GREETING`, `DSTACK_SOCKET` (default `/var/run/dstack.sock`).
+//! Environment: `PORT` (default 8080), `GREETING`, `DSTACK_SOCKET` (default `/var/run/dstack.sock`),
+//! `RECORDS_DIR` (unset: no record log).
 
 mod agent;
 mod http;
+mod records;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What every request handler needs.
@@ -20,6 +26,8 @@ use std::time::Duration;
 struct Settings {
     greeting: Option<String>,
     socket: PathBuf,
+    /// The record log, when `RECORDS_DIR` is set.
+    records: Option<Arc<records::RecordLog>>,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -59,8 +67,56 @@ fn index_page(greeting: Option<&str>, host: &str) -> String {
     )
 }
 
+fn json_error(status: u16, message: String) -> (u16, &'static str, Vec<u8>) {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (status, "application/json", body.into_bytes())
+}
+
+/// `POST /records/<seq>` and `GET /records`; `None` for every other request.
+fn records_route(req: &http::Request, settings: &Settings) -> Option<(u16, &'static str, Vec<u8>)> {
+    let append_seq = req.path.strip_prefix("/records/");
+    let is_records = match req.method.as_str() {
+        "POST" => append_seq.is_some(),
+        "GET" => req.path == "/records",
+        _ => false,
+    };
+    if !is_records {
+        return None;
+    }
+    let Some(log) = &settings.records else {
+        return Some(json_error(503, "RECORDS_DIR is not set: no record log".into()));
+    };
+    let reply = match append_seq {
+        Some(seq) if req.method == "POST" => {
+            let Some(seq) = seq
+                .parse::<u64>()
+                .ok()
+                .filter(|_| seq.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                return Some(json_error(400, format!("sequence number {seq:?} is not decimal")));
+            };
+            match log.append(seq, &req.body) {
+                Ok(offset) => {
+                    let body = serde_json::json!({ "seq": seq, "offset": offset }).to_string();
+                    (200, "application/json", body.into_bytes())
+                }
+                Err(e @ records::RecordError::TooLarge(_)) => json_error(413, e.to_string()),
+                Err(e) => json_error(500, e.to_string()),
+            }
+        }
+        _ => match log.read() {
+            Ok(scan) => (200, "application/json", scan.to_json().to_string().into_bytes()),
+            Err(e) => json_error(500, e.to_string()),
+        },
+    };
+    Some(reply)
+}
+
 /// Routes one request; returns (status, content type, body).
 fn route(req: &http::Request, settings: &Settings) -> (u16, &'static str, Vec<u8>) {
+    if let Some(reply) = records_route(req, settings) {
+        return reply;
+    }
     if req.method != "GET" {
         return (405, "text/plain", b"only GET is supported\n".to_vec());
     }
@@ -125,6 +181,7 @@ fn main() {
         socket: std::env::var_os("DSTACK_SOCKET")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(agent::DEFAULT_SOCKET).to_path_buf()),
+        records: std::env::var_os("RECORDS_DIR").map(|d| Arc::new(records::RecordLog::new(PathBuf::from(d)))),
     };
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listener = match TcpListener::bind(addr) {
@@ -164,10 +221,12 @@ mod tests {
         let settings = Settings {
             greeting: Some("hi".into()),
             socket: "/nonexistent/dstack.sock".into(),
+            records: None,
         };
         let get = |p: &str| http::Request {
             method: "GET".into(),
             path: p.into(),
+            body: Vec::new(),
         };
         let (s, _, body) = route(&get("/"), &settings);
         assert_eq!(s, 200);
@@ -177,11 +236,63 @@ mod tests {
         let post = http::Request {
             method: "POST".into(),
             path: "/".into(),
+            body: Vec::new(),
         };
         assert_eq!(route(&post, &settings).0, 405);
+        // Without RECORDS_DIR the record routes say so.
+        assert_eq!(route(&get("/records"), &settings).0, 503);
         let (s, _, body) = route(&get("/info"), &settings);
         assert_eq!(s, 503);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert!(v["error"].as_str().unwrap().contains("does not exist"));
+    }
+
+    fn req(method: &str, path: &str, body: &[u8]) -> http::Request {
+        http::Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn record_routes_append_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            greeting: None,
+            socket: "/nonexistent/dstack.sock".into(),
+            records: Some(Arc::new(records::RecordLog::new(dir.path().join("r")))),
+        };
+        let (s, _, body) = route(&req("POST", "/records/42", b"payload"), &settings);
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((v["seq"].as_u64(), v["offset"].as_u64()), (Some(42), Some(0)));
+        for bad in [
+            "/records/",
+            "/records/x",
+            "/records/+1",
+            "/records/1/2",
+            "/records/99999999999999999999",
+        ] {
+            assert_eq!(route(&req("POST", bad, b""), &settings).0, 400, "{bad}");
+        }
+        let big = vec![0u8; records::MAX_PAYLOAD + 1];
+        assert_eq!(route(&req("POST", "/records/1", &big), &settings).0, 413);
+        // Only GET lists; PUT and friends stay refused.
+        assert_eq!(route(&req("PUT", "/records/1", b""), &settings).0, 405);
+        assert_eq!(route(&req("GET", "/records/42", b""), &settings).0, 404);
+        let (s, _, body) = route(&req("GET", "/records", b""), &settings);
+        assert_eq!(s, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let recs = v["records"].as_array().unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0]["seq"], 42);
+        assert_eq!(recs[0]["payload_len"], 7);
+        // hashlib.sha256(b"payload").hexdigest()
+        assert_eq!(
+            recs[0]["payload_sha256"],
+            "239f59ed55e737c77147cf55ad0c1b030b6d7ee748a7426952f9b852d5a935e5"
+        );
+        assert!(v["torn_tail"].is_null() && v["corrupt"].as_array().unwrap().is_empty());
     }
 }

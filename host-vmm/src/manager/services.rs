@@ -33,6 +33,14 @@ pub struct VmCtx {
     pub image: String,
     pub vcpu: u32,
     pub memory_mb: u32,
+    /// The VM kept running while the manager restarted (re-adopted): its simulated TDX module resumes from
+    /// its journal instead of starting a new boot.
+    pub resume: bool,
+}
+
+/// The simulated TDX module's journal in a VM's work directory (`dstack_sim_tdx` journal format).
+pub fn sim_tdx_journal(wd: &Workdir) -> std::path::PathBuf {
+    wd.path().join("sim-tdx-journal.jsonl")
 }
 
 /// Running servers of one VM; dropping the senders stops them.
@@ -152,10 +160,25 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
         );
         return Ok(VmServices { stops });
     }
-    let image = Image::load(&cfg.image.path, &ctx.image).ok();
-    let init = initial_state(image.as_ref(), &ctx.id, ctx.vcpu, ctx.memory_mb);
     // One simulated attestation key per host (not per VM), so a KMS pins one root for all of them.
-    let sim = SimTdx::open(&init, &cfg.sim_tdx_state_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
+    let signer =
+        dstack_sim_tdx::ensure_signer(&cfg.sim_tdx_state_dir()).map_err(|e| format!("simulated TDX module: {e}"))?;
+    let journal = sim_tdx_journal(&ctx.wd);
+    let sim = if ctx.resume && journal.exists() {
+        // The registers belong to the boot still running, not to whatever the image is now.
+        SimTdx::resume(signer, &journal).map_err(|e| format!("resuming the simulated TDX module: {e}"))?
+    } else {
+        if ctx.resume {
+            warn!(
+                "VM {}: no simulated TDX module journal to resume from; its module restarts from the initial \
+                 registers, so its attestation will not match its event log until it reboots",
+                ctx.id
+            );
+        }
+        let image = Image::load(&cfg.image.path, &ctx.image).ok();
+        let init = initial_state(image.as_ref(), &ctx.id, ctx.vcpu, ctx.memory_mb);
+        SimTdx::new_journaled(&init, signer, &journal).map_err(|e| format!("simulated TDX module: {e}"))?
+    };
     let path = ctx.wd.vsock_port_path(cfg.sim_tdx.port);
     let listener =
         dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("sim-tdx socket {}: {e}", path.display()))?;

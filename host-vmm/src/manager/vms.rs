@@ -245,7 +245,7 @@ impl Manager {
                         bridge: b.plan().name.clone(),
                     });
                 }
-                match services::start(self, vm_ctx(vm)) {
+                match services::start(self, vm_ctx(vm, true)) {
                     Ok(s) => vm.services = Some(s),
                     Err(e) => warn!("VM {id}: host services: {e}"),
                 }
@@ -415,7 +415,7 @@ impl Manager {
             }
         };
         if vm.services.is_none() {
-            match services::start(self, vm_ctx(vm)) {
+            match services::start(self, vm_ctx(vm, false)) {
                 Ok(s) => vm.services = Some(s),
                 Err(e) => {
                     self.release_tap(vm);
@@ -668,9 +668,9 @@ impl Manager {
                     warn!("VM {id}: {exit}; restart {} in {delay:?}", vm.state.restarts);
                     vm.next_restart = Some(Instant::now() + delay);
                 }
-                if vm.state.desired == Desired::Stopped
-                    && let Some(s) = vm.services.take()
-                {
+                // The guest is gone, and with it what its simulated TDX module measured (RTMRs, event log): a
+                // restart is a new boot and gets fresh host services, never the crashed run's registers.
+                if let Some(s) = vm.services.take() {
                     s.shutdown();
                 }
                 if let Err(e) = vm.save() {
@@ -728,8 +728,9 @@ impl Manager {
     }
 }
 
-fn vm_ctx(vm: &Vm) -> services::VmCtx {
+fn vm_ctx(vm: &Vm, resume: bool) -> services::VmCtx {
     services::VmCtx {
+        resume,
         id: vm.manifest.id.clone(),
         wd: vm.wd.clone(),
         image: vm.manifest.config.image.clone(),
