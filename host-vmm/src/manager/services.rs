@@ -2,6 +2,8 @@
 //! (`HostApi.Info`, `HostApi.Notify`) at `/api` on `<vsock uds>_<host_api.port>`, and the simulated TDX
 //! module's pRPC server on `<vsock uds>_<sim_tdx.port>`. Also the host-shared files written at creation.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use dstack_measurements::predict::VmShape;
@@ -44,17 +46,36 @@ pub fn sim_tdx_journal(wd: &Workdir) -> std::path::PathBuf {
 }
 
 /// Running servers of one VM; dropping the senders stops them.
-#[derive(Debug)]
 pub struct VmServices {
     stops: Vec<oneshot::Sender<()>>,
+    /// The sockets they listen on, with the inode each was bound as.
+    sockets: Vec<(PathBuf, u64)>,
 }
 
 impl VmServices {
+    /// Stops the servers and removes their sockets at once, so a restart of the VM can bind the same paths
+    /// without waiting for the old servers to wind down (they stop accepting when they see the signal).
     pub fn shutdown(self) {
         for s in self.stops {
             let _ = s.send(());
         }
+        for (path, ino) in self.sockets {
+            // Only the socket these servers bound: never one a newer start put there since.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
+}
+
+/// Binds a VM service socket (mode 0600) and remembers it for [`VmServices::shutdown`].
+fn bind(path: &Path, what: &str, sockets: &mut Vec<(PathBuf, u64)>) -> Result<tokio::net::UnixListener, String> {
+    let listener = dstack_rpc::bind_unix(path, 0o600).map_err(|e| format!("{what} socket {}: {e}", path.display()))?;
+    let ino = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("{what} socket {}: {e}", path.display()))?
+        .ino();
+    sockets.push((path.to_path_buf(), ino));
+    Ok(listener)
 }
 
 /// Hex field of `metadata.json` → 48 bytes, or `None` (with a warning when present but malformed).
@@ -130,6 +151,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
     let _guard = mgr.runtime().enter();
     let cfg = &mgr.config;
     let mut stops = Vec::new();
+    let mut sockets = Vec::new();
 
     let host_api = RpcRouter::new("/api").service(HostApiServer::new(GuestHostApi {
         mgr: Arc::downgrade(mgr),
@@ -137,8 +159,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
         node_name: cfg.node_name.clone(),
     }));
     let path = ctx.wd.vsock_port_path(cfg.host_api.port);
-    let listener =
-        dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("host API socket {}: {e}", path.display()))?;
+    let listener = bind(&path, "host API", &mut sockets)?;
     let (tx, rx) = oneshot::channel::<()>();
     stops.push(tx);
     let router = Arc::new(host_api);
@@ -158,7 +179,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
             "VM {}: host API on vsock port {} (TDX: no simulated TDX module)",
             ctx.id, cfg.host_api.port
         );
-        return Ok(VmServices { stops });
+        return Ok(VmServices { stops, sockets });
     }
     // One simulated attestation key per host (not per VM), so a KMS pins one root for all of them.
     let signer =
@@ -180,8 +201,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
         SimTdx::new_journaled(&init, signer, &journal).map_err(|e| format!("simulated TDX module: {e}"))?
     };
     let path = ctx.wd.vsock_port_path(cfg.sim_tdx.port);
-    let listener =
-        dstack_rpc::bind_unix(&path, 0o600).map_err(|e| format!("sim-tdx socket {}: {e}", path.display()))?;
+    let listener = bind(&path, "sim-tdx", &mut sockets)?;
     let (tx, rx) = oneshot::channel::<()>();
     stops.push(tx);
     let router = dstack_sim_tdx::router(Arc::new(sim));
@@ -198,7 +218,7 @@ pub fn start(mgr: &Arc<Manager>, ctx: VmCtx) -> Result<VmServices, String> {
         "VM {}: host API on vsock port {}, simulated TDX module (not real TDX) on vsock port {}",
         ctx.id, cfg.host_api.port, cfg.sim_tdx.port
     );
-    Ok(VmServices { stops })
+    Ok(VmServices { stops, sockets })
 }
 
 /// The host API as one guest sees it.
