@@ -16,34 +16,33 @@
 
 mod common;
 
-use std::collections::HashMap;
+use common::cluster::{GW_APP, RecordingWg, node_toml, pkcs8, ra_cert, serve_node, sim, wg_key};
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::backend::{NoTxt, echo_backend};
 use common::netns::{in_netns, prerequisites_missing, run};
-use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, rpc_router_with_sync, server_config};
+use dstack_gateway::attest::RaTlsIdentity;
 use dstack_gateway::config::{GatewayConfig, ProxyConfig};
 use dstack_gateway::proxy::tls::TlsTerminator;
 use dstack_gateway::proxy::{ProxyState, Stats};
-use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgBackend, WgError, WgPeer};
+use dstack_gateway::registration::{AdmissionPolicy, Registrar};
 use dstack_gateway::routing::RoutingTable;
-use dstack_gateway::sync::{SameAppServerVerifier, SyncService, Syncer, client_tls};
-use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CertAttestation, CertRequest, ra_tls_report_data};
+use dstack_gateway::sync::{SameAppServerVerifier, client_tls};
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier};
 use dstack_rpc::Client;
 use dstack_rpc::gateway::{GatewayClient, GatewayState, RegisterCvmRequest, RegisterCvmResponse};
-use dstack_sim_tdx::{SimTdx, fixture};
-use rcgen::{KeyPair, PublicKeyData};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use dstack_sim_tdx::SimTdx;
+use rcgen::KeyPair;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const GW_APP: [u8; 20] = [0x9a; 20];
 const CVM_APP: [u8; 20] = [0xa1; 20];
 const WAIT: Duration = Duration::from_secs(20);
 /// Load per proxy: this many client loops, each connection a fresh TCP + ClientHello + echo.
@@ -52,54 +51,9 @@ const LOOPS_PER_NODE: usize = 3;
 const MAX_PER_NODE: u64 = 5_000;
 const BASE: &str = "app.test";
 
-#[derive(Default)]
-struct RecordingWg(Mutex<Vec<WgPeer>>);
-impl WgBackend for RecordingWg {
-    fn set_peers(&self, peers: &[WgPeer]) -> Result<(), WgError> {
-        *self.0.lock().unwrap() = peers.to_vec();
-        Ok(())
-    }
-    fn latest_handshakes(&self) -> HashMap<String, SystemTime> {
-        HashMap::new()
-    }
-}
-
-fn sim(app: &[u8; 20], instance: u8) -> SimTdx {
-    let s = fixture::booted(0x11, 0x50).unwrap();
-    fixture::measure_dstack_boot(&s, app, &[0xc0; 32], &[instance; 20]).unwrap();
-    s
-}
-
-/// A self-signed RA-TLS certificate (server and client use) quoted by `sim`, DER and PEM.
-fn ra_cert(sim: &SimTdx, subject: &str) -> (CertificateDer<'static>, String, KeyPair) {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let rd = ra_tls_report_data(&key.subject_public_key_info());
-    let req = CertRequest {
-        subject: subject.into(),
-        alt_names: vec!["127.0.0.1".into()],
-        usage_server_auth: true,
-        usage_client_auth: true,
-        attestation: Some(CertAttestation {
-            quote: sim.quote(&rd).unwrap(),
-            event_log: sim.full_event_log(),
-        }),
-        ..Default::default()
-    };
-    let cert = req.self_signed(&key).unwrap();
-    (cert.der().clone(), cert.pem(), key)
-}
-
-fn pkcs8(k: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()))
-}
-
 fn b64(bytes: [u8; 32]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn wg_key(n: u8) -> String {
-    b64([n; 32])
 }
 
 fn free_tcp() -> u16 {
@@ -149,18 +103,7 @@ async fn start_node(id: u32, gw_sim: &SimTdx, verifier: Arc<AttestationVerifier>
     let (cert, _, key) = ra_cert(gw_sim, "dstack-gateway");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let boot: Vec<String> = bootnodes.iter().map(|b| format!("{b:?}")).collect();
-    let toml = format!(
-        "[core]\nrpc_domain = \"gw{id}.test\"\n\
-         [core.wg]\npublic_key = \"{pk}\"\nip = \"10.0.0.{ip}/24\"\nendpoint = \"192.0.2.{id}:51820\"\n\
-         [core.proxy]\nbase_domain = \"{BASE}\"\n\
-         [core.sync]\nenabled = true\nnode_id = {id}\nmy_url = \"{url}\"\nbootnodes = [{boot}]\n\
-         interval = \"300ms\"\ntimeout = \"2s\"\nnode_timeout = \"3s\"\ngateway_app_id = \"{app}\"\n",
-        pk = wg_key(200 + id as u8),
-        ip = 128 + id,
-        boot = boot.join(", "),
-        app = hex::encode(GW_APP),
-    );
+    let toml = node_toml(id, &url, bootnodes, BASE, "");
     let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
     let table = RoutingTable::new();
     let registrar = Arc::new(Registrar::new(
@@ -170,30 +113,7 @@ async fn start_node(id: u32, gw_sim: &SimTdx, verifier: Arc<AttestationVerifier>
         Arc::new(RecordingWg::default()),
         AdmissionPolicy::default(),
     ));
-    let sync = SyncService::new(
-        registrar.clone(),
-        Box::new(RaTlsIdentity::new(verifier.clone())),
-        &hex::encode(GW_APP),
-    )
-    .unwrap();
-    let tls = server_config(
-        ServerIdentity {
-            chain: vec![cert.clone()],
-            key: pkcs8(&key),
-        },
-        Vec::new(),
-    )
-    .unwrap();
-    let router = Arc::new(rpc_router_with_sync(registrar.clone(), sync));
-    let server = tokio::spawn(async move {
-        let _ = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await;
-    });
-    let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &hex::encode(GW_APP)).unwrap();
-    let syncer = Syncer::new(
-        registrar.clone(),
-        client_tls(peer_verifier, vec![cert], pkcs8(&key)).unwrap(),
-    );
-    let sync_task = tokio::spawn(syncer.run(Duration::from_millis(300)));
+    let [server, sync_task] = serve_node(&registrar, verifier, cert, &key, listener);
     let state = Arc::new(ProxyState {
         config: proxy_config(),
         table: table.clone(),

@@ -8,71 +8,24 @@
 
 mod common;
 
-use std::collections::HashMap;
+use common::cluster::{GW_APP, RecordingWg, node_toml, pkcs8, ra_cert, serve_node, sim, wg_key};
+
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use dstack_gateway::attest::{RaTlsIdentity, ServerIdentity, rpc_router_with_sync, server_config};
+use dstack_gateway::attest::RaTlsIdentity;
 use dstack_gateway::config::GatewayConfig;
-use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgBackend, WgError, WgPeer};
+use dstack_gateway::registration::{AdmissionPolicy, Registrar, WgPeer};
 use dstack_gateway::routing::RoutingTable;
-use dstack_gateway::sync::{SameAppServerVerifier, SyncService, Syncer, client_tls};
-use dstack_ra_tls::{AttestationPolicy, AttestationVerifier, CertAttestation, CertRequest, ra_tls_report_data};
+use dstack_gateway::sync::{SameAppServerVerifier, client_tls};
+use dstack_ra_tls::{AttestationPolicy, AttestationVerifier};
 use dstack_rpc::Client;
 use dstack_rpc::gateway::{GatewayClient, GatewayState, GatewaySyncClient, RegisterCvmRequest, RegisterCvmResponse};
-use dstack_sim_tdx::{SimTdx, fixture};
-use rcgen::{KeyPair, PublicKeyData};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use dstack_sim_tdx::SimTdx;
 
-const GW_APP: [u8; 20] = [0x9a; 20];
 const CVM_APP: [u8; 20] = [0xa1; 20];
 const WAIT: Duration = Duration::from_secs(20);
-
-#[derive(Default)]
-struct RecordingWg(Mutex<Vec<WgPeer>>);
-impl WgBackend for RecordingWg {
-    fn set_peers(&self, peers: &[WgPeer]) -> Result<(), WgError> {
-        *self.0.lock().unwrap() = peers.to_vec();
-        Ok(())
-    }
-    fn latest_handshakes(&self) -> HashMap<String, SystemTime> {
-        HashMap::new()
-    }
-}
-
-fn sim(app: &[u8; 20], instance: u8) -> SimTdx {
-    let s = fixture::booted(0x11, 0x50).unwrap();
-    fixture::measure_dstack_boot(&s, app, &[0xc0; 32], &[instance; 20]).unwrap();
-    s
-}
-
-/// A self-signed RA-TLS certificate (server and client use) quoted by `sim`.
-fn ra_cert(sim: &SimTdx, subject: &str) -> (CertificateDer<'static>, KeyPair) {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let rd = ra_tls_report_data(&key.subject_public_key_info());
-    let req = CertRequest {
-        subject: subject.into(),
-        alt_names: vec!["127.0.0.1".into()],
-        usage_server_auth: true,
-        usage_client_auth: true,
-        attestation: Some(CertAttestation {
-            quote: sim.quote(&rd).unwrap(),
-            event_log: sim.full_event_log(),
-        }),
-        ..Default::default()
-    };
-    (req.self_signed(&key).unwrap().der().clone(), key)
-}
-
-fn pkcs8(k: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()))
-}
-
-fn wg_key(n: u8) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode([n; 32])
-}
 
 struct Node {
     id: u32,
@@ -110,24 +63,13 @@ async fn start_node_in(
     bootnodes: &[&str],
     state_dir: Option<&std::path::Path>,
 ) -> Node {
-    let (cert, key) = ra_cert(gw_sim, "dstack-gateway");
+    let (cert, _, key) = ra_cert(gw_sim, "dstack-gateway");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let boot: Vec<String> = bootnodes.iter().map(|b| format!("{b:?}")).collect();
     let state = state_dir.map_or(String::new(), |d| {
         format!("state_dir = {:?}\n", d.display().to_string())
     });
-    let toml = format!(
-        "[core]\nrpc_domain = \"gw{id}.test\"\n{state}\
-         [core.wg]\npublic_key = \"{pk}\"\nip = \"10.0.0.{ip}/24\"\nendpoint = \"192.0.2.{id}:51820\"\n\
-         [core.proxy]\nbase_domain = \"app.test\"\n\
-         [core.sync]\nenabled = true\nnode_id = {id}\nmy_url = \"{url}\"\nbootnodes = [{boot}]\n\
-         interval = \"300ms\"\ntimeout = \"2s\"\nnode_timeout = \"3s\"\ngateway_app_id = \"{app}\"\n",
-        pk = wg_key(200 + id as u8),
-        ip = 128 + id,
-        boot = boot.join(", "),
-        app = hex::encode(GW_APP),
-    );
+    let toml = node_toml(id, &url, bootnodes, "app.test", &state);
     let cfg = Arc::new(GatewayConfig::from_toml(&toml).unwrap());
     let wg = Arc::new(RecordingWg::default());
     let table = RoutingTable::new();
@@ -143,30 +85,7 @@ async fn start_node_in(
     registrar.set_cert_hook(Box::new(move |c| seen.lock().unwrap().push(c.chain_pem.clone())));
     registrar.load_state().unwrap();
 
-    let sync = SyncService::new(
-        registrar.clone(),
-        Box::new(RaTlsIdentity::new(verifier.clone())),
-        &hex::encode(GW_APP),
-    )
-    .unwrap();
-    let tls = server_config(
-        ServerIdentity {
-            chain: vec![cert.clone()],
-            key: pkcs8(&key),
-        },
-        Vec::new(),
-    )
-    .unwrap();
-    let router = Arc::new(rpc_router_with_sync(registrar.clone(), sync));
-    let server = tokio::spawn(async move {
-        let _ = dstack_rpc::serve_tls(listener, tls, router, std::future::pending()).await;
-    });
-    let peer_verifier = SameAppServerVerifier::new(verifier, Vec::new(), &hex::encode(GW_APP)).unwrap();
-    let syncer = Syncer::new(
-        registrar.clone(),
-        client_tls(peer_verifier, vec![cert], pkcs8(&key)).unwrap(),
-    );
-    let sync_task = tokio::spawn(syncer.run(Duration::from_millis(300)));
+    let [server, sync_task] = serve_node(&registrar, verifier, cert, &key, listener);
     Node {
         id,
         url,
@@ -180,7 +99,7 @@ async fn start_node_in(
 
 /// A CVM's client: its RA-TLS certificate, and the gateway checked for the gateway app's identity.
 fn cvm_client(node: &Node, verifier: &Arc<AttestationVerifier>, cvm: &SimTdx) -> GatewayClient<Client> {
-    let (cert, key) = ra_cert(cvm, "dstack-guest-agent");
+    let (cert, _, key) = ra_cert(cvm, "dstack-guest-agent");
     let v = SameAppServerVerifier::new(verifier.clone(), Vec::new(), &hex::encode(GW_APP)).unwrap();
     let tls = client_tls(v, vec![cert], pkcs8(&key)).unwrap();
     GatewayClient::new(Client::new(&format!("{}/prpc", node.url)).unwrap().with_tls(tls))
@@ -336,7 +255,7 @@ async fn sync_refuses_peers_of_another_app() {
         ..Default::default()
     }));
     let node = start_node(1, &gw_sim, verifier.clone(), &[]).await;
-    let (cert, key) = ra_cert(&cvm, "dstack-guest-agent");
+    let (cert, _, key) = ra_cert(&cvm, "dstack-guest-agent");
     let v = SameAppServerVerifier::new(verifier.clone(), Vec::new(), &hex::encode(GW_APP)).unwrap();
     let client = Client::new(&format!("{}/prpc", node.url))
         .unwrap()
@@ -356,7 +275,7 @@ async fn sync_refuses_peers_of_another_app() {
 
     // Client side: a peer whose server certificate attests another app fails the handshake.
     let v = SameAppServerVerifier::new(verifier, Vec::new(), &hex::encode([0x55; 20])).unwrap();
-    let (gcert, gkey) = ra_cert(&gw_sim, "dstack-gateway");
+    let (gcert, _, gkey) = ra_cert(&gw_sim, "dstack-gateway");
     let client = Client::new(&format!("{}/prpc", node.url))
         .unwrap()
         .with_tls(client_tls(v, vec![gcert], pkcs8(&gkey)).unwrap());

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod cluster;
 pub mod hello;
 pub mod netns;
 pub mod sim;
