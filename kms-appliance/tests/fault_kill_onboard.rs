@@ -17,8 +17,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dstack_guest_agent::simulate::{BackgroundSimulator, SimulateOptions};
@@ -29,8 +29,6 @@ use dstack_rpc::Client;
 use dstack_rpc::kms::{AppKeyResponse, GetAppKeyRequest, KmsClient, OnboardClient, OnboardRequest};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const APP: [u8; 20] = [0xa1; 20];
 const INSTANCE: [u8; 20] = [0x1d; 20];
@@ -79,78 +77,6 @@ fn agent_app(a: &BackgroundSimulator) -> [u8; 20] {
 
 fn agent_pin(a: &BackgroundSimulator) -> String {
     a.ready()["root_cert"].as_str().unwrap().to_owned()
-}
-
-/// A policy webhook allowing `allowed` app ids; while `hold` is set, `/bootAuth/kms` requests are recorded and
-/// then left unanswered until `hold` is cleared (the KMS asking is stuck mid-decision).
-struct Hook {
-    url: String,
-    kms_checks: Arc<Mutex<usize>>,
-    hold: Arc<AtomicBool>,
-}
-
-async fn hook(allowed: Vec<[u8; 20]>) -> Hook {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let kms_checks = Arc::new(Mutex::new(0));
-    let hold = Arc::new(AtomicBool::new(false));
-    let (count, held) = (Arc::clone(&kms_checks), Arc::clone(&hold));
-    let allowed: Vec<String> = allowed.iter().map(hex::encode).collect();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (count, held, allowed) = (Arc::clone(&count), Arc::clone(&held), allowed.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head_end, len) = loop {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                        break (i + 4, len);
-                    }
-                };
-                while buf.len() < head_end + len {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
-                let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
-                if path == "/bootAuth/kms" {
-                    *count.lock().unwrap() += 1;
-                    let until = Instant::now() + WAIT;
-                    while held.load(Ordering::SeqCst) && Instant::now() < until {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-                let app = body["appId"].as_str().unwrap_or_default().to_owned();
-                let answer = if allowed.contains(&app) {
-                    serde_json::json!({"isAllowed": true, "reason": "", "gatewayAppId": common::GATEWAY_APP_ID})
-                } else {
-                    serde_json::json!({"isAllowed": false, "reason": format!("App not registered: {app}"), "gatewayAppId": ""})
-                }
-                .to_string();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
-                    answer.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    Hook { url, kms_checks, hold }
 }
 
 /// One KMS binary's configuration and files.
@@ -327,7 +253,7 @@ struct World {
     _agents: (BackgroundSimulator, BackgroundSimulator),
     a: Node,
     b: Node,
-    a_hook: Hook,
+    a_hook: common::Webhook,
     a_proc: Proc,
     a_files: Vec<Vec<u8>>,
     a_served: Served,
@@ -341,8 +267,8 @@ async fn world() -> World {
     let cvm = common::cvm(APP, INSTANCE);
     let cvm_pin = common::write_pin(d, "cvm.pem", &cvm);
     // A's policy: B's app (a KMS) and the test CVM; B's policy: A's app as a source KMS.
-    let a_hook = hook(vec![agent_app(&agent_b), APP]).await;
-    let b_hook = hook(vec![agent_app(&agent_a), APP]).await;
+    let a_hook = common::webhook(vec![agent_app(&agent_b), APP]).await;
+    let b_hook = common::webhook(vec![agent_app(&agent_a), APP]).await;
     let a = Node::new(
         d,
         "a",
@@ -495,11 +421,11 @@ enum KillB {
 }
 
 /// Busy-polls B's directory and SIGKILLs B at `point` (within microseconds of the file appearing).
-fn kill_b_at(b: &Node, proc: &mut Proc, point: KillB, hook: &Hook) {
+fn kill_b_at(b: &Node, proc: &mut Proc, point: KillB, hook: &common::Webhook) {
     let deadline = Instant::now() + WAIT;
     loop {
         let hit = match point {
-            KillB::Protocol => *hook.kms_checks.lock().unwrap() > 0,
+            KillB::Protocol => hook.count("/bootAuth/kms") > 0,
             KillB::FirstEntry => !b.entries().is_empty(),
             KillB::Staging => !b.staged().is_empty(),
             KillB::FirstKey => b.certs.join(ROOT_CA_CERT).exists(),
@@ -642,7 +568,7 @@ async fn kill_source_kms_mid_onboarding() {
         tokio::spawn(async move { client.onboard(req).await })
     };
     let deadline = Instant::now() + WAIT;
-    while *w.a_hook.kms_checks.lock().unwrap() == 0 {
+    while w.a_hook.count("/bootAuth/kms") == 0 {
         assert!(
             Instant::now() < deadline,
             "A never asked its policy about B: {}",

@@ -239,10 +239,20 @@ pub fn client_named(
     )
 }
 
-/// A minimal HTTP/1.1 webhook: records `(path, body)` and allows exactly the app ids in `allowed`.
+/// A minimal HTTP/1.1 webhook: records `(path, body)` and allows exactly the app ids in `allowed`. While `hold`
+/// is set, `/bootAuth/kms` requests are recorded and then left unanswered (up to 20 s): the asking KMS is stuck
+/// mid-decision.
 pub struct Webhook {
     pub url: String,
     pub requests: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    pub hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Webhook {
+    /// How many requests for `path` arrived so far.
+    pub fn count(&self, path: &str) -> usize {
+        self.requests.lock().unwrap().iter().filter(|(p, _)| p == path).count()
+    }
 }
 
 pub async fn webhook(allowed: Vec<[u8; 20]>) -> Webhook {
@@ -250,6 +260,8 @@ pub async fn webhook(allowed: Vec<[u8; 20]>) -> Webhook {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(Mutex::new(Vec::new()));
     let log = Arc::clone(&requests);
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = Arc::clone(&hold);
     let allowed: Vec<String> = allowed.iter().map(hex::encode).collect();
     tokio::spawn(async move {
         loop {
@@ -257,6 +269,7 @@ pub async fn webhook(allowed: Vec<[u8; 20]>) -> Webhook {
                 return;
             };
             let log = Arc::clone(&log);
+            let held = Arc::clone(&held);
             let allowed = allowed.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -282,7 +295,12 @@ pub async fn webhook(allowed: Vec<[u8; 20]>) -> Webhook {
                 let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
                 let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
                 let app = body["appId"].as_str().unwrap_or_default().to_owned();
+                let kms_check = path == "/bootAuth/kms";
                 log.lock().unwrap().push((path, body));
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while kms_check && held.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < until {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
                 let answer = if allowed.contains(&app) {
                     serde_json::json!({"isAllowed": true, "reason": "", "gatewayAppId": GATEWAY_APP_ID})
                 } else {
@@ -298,7 +316,7 @@ pub async fn webhook(allowed: Vec<[u8; 20]>) -> Webhook {
             });
         }
     });
-    Webhook { url, requests }
+    Webhook { url, requests, hold }
 }
 
 pub fn tempdir() -> (tempfile::TempDir, PathBuf) {
