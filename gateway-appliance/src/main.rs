@@ -174,6 +174,21 @@ async fn start_registration(
     // A rotated key, once persisted, replaces the configured one.
     let stored = match &wgc.key_file {
         Some(path) if path.exists() => Some(KeyFile::load(path)?),
+        // First start with a key file but no configured key (the CVM appliance: a key in the measured,
+        // public config would be no secret): generate one and persist it on the encrypted disk.
+        Some(path) if wgc.private_key.is_empty() => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let b64 = |k: &[u8; 32]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, k);
+            let file = KeyFile {
+                current: b64(&generate_private_key()?),
+                previous: None,
+            };
+            file.save(path)?;
+            info!(path = %path.display(), "generated the WireGuard key");
+            Some(file)
+        }
         _ => None,
     };
     anyhow::ensure!(

@@ -319,19 +319,7 @@ impl Gateway {
             Ok(RenewOutcome::Renewed(_) | RenewOutcome::Fresh) => {}
             Err(e) => return Err(failed("wildcard certificate from pebble", e)),
         }
-        let listener_ca = std::fs::read(&pebble.listener_ca_pem).map_err(|e| failed("pebble CA", e))?;
-        let listener_ca = CertificateDer::from_pem_slice(&listener_ca).map_err(|e| failed("pebble CA", e))?;
-        let (status, acme_root_pem) = https_get(
-            pebble.management,
-            ServerName::IpAddress(pebble.management.ip().into()),
-            &listener_ca,
-            "/roots/0",
-        )
-        .await
-        .map_err(|e| failed("pebble's root (management API)", e))?;
-        if status != 200 {
-            return Err(failed("pebble's root (management API)", format!("HTTP {status}")));
-        }
+        let acme_root_pem = pebble.issuing_root().await?;
         let acme_root_path = work.join("acme-root.pem");
         std::fs::write(&acme_root_path, &acme_root_pem).map_err(|e| failed("pebble root", e))?;
 
@@ -368,7 +356,7 @@ impl Gateway {
         Ok(Self {
             ports,
             app_id: identity.app_id,
-            acme_root_pem: String::from_utf8_lossy(&acme_root_pem).into_owned(),
+            acme_root_pem,
             acme_root_path,
             table: services.table,
             tasks: services.tasks,

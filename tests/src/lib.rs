@@ -12,13 +12,17 @@
 //! - `VHOST_DEVICE_VSOCK`: the `vhost-device-vsock` binary; `qemu-system-x86_64` and `mkfs.erofs` on PATH;
 //! - `DSTACK_DOCKER_REGISTRY` (default `/usr/bin/docker-registry`, Debian `docker-registry`);
 //! - with the gateway ([`Stack::start_with_gateway`]): `DSTACK_PEBBLE` / `DSTACK_PEBBLE_CHALLTESTSRV`
-//!   (default `/usr/bin/pebble`, `/usr/bin/pebble-challtestsrv`, Debian `pebble`), root and `/dev/net/tun`.
+//!   (default `/usr/bin/pebble`, `/usr/bin/pebble-challtestsrv`, Debian `pebble`), root and `/dev/net/tun`;
+//! - with the gateway CVM ([`Stack::start_with_gateway_cvm`]): pebble as above, `DSTACK_GATEWAY_BIN` (the static
+//!   `dstack-gateway`) and optionally `DSTACK_XTASK` (see [`gateway_cvm`]).
 
 pub mod gateway;
+pub mod gateway_cvm;
 pub mod pebble;
 pub mod stack;
 pub mod verify;
 
 pub use gateway::Gateway;
+pub use gateway_cvm::{GatewayCvm, GatewayCvmInputs};
 pub use stack::{AppSpec, Inputs, KmsOptions, Stack, StackError};
 pub use verify::{Verdict, verify_cvm};

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
 use crate::stack::{StackError, free_port, wait_until};
 
 fn failed(what: &str, e: impl std::fmt::Display) -> StackError {
@@ -42,6 +45,8 @@ pub fn binaries() -> Result<(PathBuf, PathBuf), StackError> {
 /// A running pebble; dropping it kills both processes.
 pub struct Pebble {
     pub directory_url: String,
+    /// The ACME listener's port (on 127.0.0.1; `10.0.2.2:<port>` from a CVM).
+    pub acme_port: u16,
     /// pebble's management API (its issuing roots at `/roots/0`).
     pub management: SocketAddr,
     /// challtestsrv's management API (the DNS-01 provider).
@@ -88,7 +93,9 @@ impl Pebble {
         let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let srv_key = rcgen::KeyPair::generate().map_err(tls)?;
-        let srv_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        // 10.0.2.2: the host as a CVM under user-mode networking sees it (the gateway CVM's ACME client).
+        let names = ["127.0.0.1", "localhost", "10.0.2.2"].map(str::to_owned).to_vec();
+        let srv_cert = rcgen::CertificateParams::new(names)
             .map_err(tls)?
             .signed_by(&srv_key, &issuer)
             .map_err(tls)?;
@@ -117,6 +124,7 @@ impl Pebble {
         };
         let mut me = Self {
             directory_url: format!("https://127.0.0.1:{acme_port}/dir"),
+            acme_port,
             management: SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
             chall_mgmt: SocketAddr::from(([127, 0, 0, 1], chall_port)),
             listener_ca_pem,
@@ -156,5 +164,25 @@ impl Pebble {
             .await?;
         }
         Ok(me)
+    }
+}
+
+impl Pebble {
+    /// pebble's issuing root (PEM) from its management API: what clients of certificates it issued trust.
+    pub async fn issuing_root(&self) -> Result<String, StackError> {
+        let listener_ca = std::fs::read(&self.listener_ca_pem).map_err(|e| failed("pebble CA", e))?;
+        let listener_ca = CertificateDer::from_pem_slice(&listener_ca).map_err(|e| failed("pebble CA", e))?;
+        let (status, root) = crate::gateway::https_get(
+            self.management,
+            ServerName::IpAddress(self.management.ip().into()),
+            &listener_ca,
+            "/roots/0",
+        )
+        .await
+        .map_err(|e| failed("pebble's root (management API)", e))?;
+        if status != 200 {
+            return Err(failed("pebble's root (management API)", format!("HTTP {status}")));
+        }
+        Ok(String::from_utf8_lossy(&root).into_owned())
     }
 }

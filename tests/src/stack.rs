@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 use crate::gateway::{Gateway, GatewayIdentity, GatewayPorts};
+use crate::gateway_cvm::{self, CvmPorts, GatewayCvm, GatewayCvmInputs, Prepared};
 
 /// The guest image's name inside the VM manager's image directory.
 pub const IMAGE_NAME: &str = "dstack-dev";
@@ -56,7 +57,23 @@ pub struct Inputs {
     pub mkfs_erofs: PathBuf,
 }
 
+/// What a test does when an input is missing: fail under `DSTACK_REQUIRE_FIXTURES=1`, otherwise print that it
+/// is skipped and why.
+pub fn skip_or_fail(test: &str, e: &StackError) {
+    assert_ne!(
+        std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
+        Ok("1"),
+        "{test}: {e}"
+    );
+    eprintln!("SKIPPED {test}: {e}");
+}
+
 impl Inputs {
+    /// [`Inputs::from_env`] for `test`, or `None` after [`skip_or_fail`].
+    pub fn for_test(test: &str) -> Option<Self> {
+        Self::from_env().map_err(|e| skip_or_fail(test, &e)).ok()
+    }
+
     pub fn from_env() -> Result<Self, StackError> {
         let path = |var: &str, hint: &str| -> Result<PathBuf, StackError> {
             std::env::var_os(var)
@@ -245,33 +262,124 @@ pub struct Stack {
     gateway_identity: Option<GatewayIdentity>,
     /// The gateway, when started with [`Stack::start_with_gateway`].
     pub gateway: Option<Gateway>,
+    /// The gateway CVM, when started with [`Stack::start_with_gateway_cvm`].
+    pub gateway_cvm: Option<GatewayCvm>,
+    /// The gateway appliance's app id (`gateway_app_id` in the KMS's dev policy) in CVM mode.
+    gateway_cvm_app_id: Option<String>,
+}
+
+/// Which gateway a stack runs.
+enum GatewayKind {
+    None,
+    /// In-process on the host with a simulated identity ([`crate::gateway`]).
+    Host,
+    /// The appliance in a CVM ([`crate::gateway_cvm`]).
+    Cvm(GatewayCvmInputs),
 }
 
 impl Stack {
     /// Starts the registry (and pushes the demo app), the VM manager and the KMS under `dir`.
     pub async fn start(dir: &Path, inputs: Inputs, kms_options: KmsOptions) -> Result<Self, StackError> {
-        Self::start_inner(dir, inputs, kms_options, false).await
+        Self::start_inner(dir, inputs, kms_options, GatewayKind::None)
+            .await
+            .map(|(s, _)| s)
     }
 
     /// [`Stack::start`] plus the gateway (see [`crate::gateway`]): pebble, the gateway's KMS-issued RPC
     /// certificate, WireGuard and the proxy; CVMs get its URL in `gateway_urls`. The KMS runs without OS image
     /// verification (the gateway's simulated identity has no image; see the gateway module docs).
     pub async fn start_with_gateway(dir: &Path, inputs: Inputs, kms_options: KmsOptions) -> Result<Self, StackError> {
-        Self::start_inner(dir, inputs, kms_options, true).await
+        Self::start_inner(dir, inputs, kms_options, GatewayKind::Host)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// [`Stack::start`] plus the gateway appliance as a CVM (see [`crate::gateway_cvm`]): packaged and pushed,
+    /// the KMS told its app id, deployed, waited for (each new boot progress line goes to `progress`) and its
+    /// attestation verified ([`GatewayCvm::attestation`]; the stack starts even when a check fails: callers
+    /// decide). CVMs get its forwarded RPC port in `gateway_urls`. The KMS may verify OS images
+    /// (`kms_options.verify_image`): the gateway CVM boots from the same image as the apps.
+    pub async fn start_with_gateway_cvm(
+        dir: &Path,
+        inputs: Inputs,
+        kms_options: KmsOptions,
+        gateway: GatewayCvmInputs,
+        progress: impl FnMut(&str),
+    ) -> Result<Self, StackError> {
+        let (mut stack, prepared) = Self::start_inner(dir, inputs, kms_options, GatewayKind::Cvm(gateway)).await?;
+        let prepared = prepared.ok_or_else(|| failed("gateway CVM")("not prepared".into()))?;
+        let gw = stack.launch_gateway_cvm(prepared, progress).await?;
+        stack.gateway_cvm = Some(gw);
+        Ok(stack)
+    }
+
+    async fn launch_gateway_cvm(
+        &self,
+        prepared: Prepared,
+        progress: impl FnMut(&str),
+    ) -> Result<GatewayCvm, StackError> {
+        let p = prepared.ports;
+        let port = |protocol: &str, host: u16, vm: u32| PortMapping {
+            protocol: protocol.into(),
+            host_port: u32::from(host),
+            vm_port: vm,
+            host_address: "127.0.0.1".into(),
+        };
+        let req = VmConfiguration {
+            name: "dstack-gateway".into(),
+            image: IMAGE_NAME.into(),
+            compose_file: prepared.package.app_compose.clone(),
+            vcpu: gateway_cvm::VCPUS,
+            memory: gateway_cvm::MEMORY_MB,
+            disk_size: 2,
+            ports: vec![
+                port("tcp", p.rpc, 8000),
+                port("tcp", p.proxy, 443),
+                port("udp", p.wg, 51820),
+            ],
+            ..Default::default()
+        };
+        let id = self
+            .vmm
+            .create_vm(req)
+            .await
+            .map_err(|e| failed("CreateVm (gateway)")(e.to_string()))?
+            .id;
+        let (kms_root, sim_root) = (self.dir.join("kms-certs/root-ca.crt"), self.sim_root());
+        let measurements = self.inputs.image_dir.join("measurements.json");
+        let expected = gateway_cvm::Expected {
+            kms_root: &kms_root,
+            sim_root: &sim_root,
+            measurements: &measurements,
+        };
+        let poll = || async {
+            let i = self.info(&id).await?;
+            Ok((i.status, i.boot_progress, i.boot_error))
+        };
+        let result =
+            gateway_cvm::launch(prepared, id.clone(), expected, Duration::from_secs(900), poll, progress).await;
+        result.map_err(|e| match e {
+            StackError::Failed { what, reason } => StackError::Failed {
+                what,
+                reason: format!("{reason}; serial tail:\n{}", tail(&self.serial_log(&id), 40)),
+            },
+            other => other,
+        })
     }
 
     async fn start_inner(
         dir: &Path,
         inputs: Inputs,
         kms_options: KmsOptions,
-        gateway: bool,
-    ) -> Result<Self, StackError> {
+        gateway_kind: GatewayKind,
+    ) -> Result<(Self, Option<Prepared>), StackError> {
+        let gateway = matches!(gateway_kind, GatewayKind::Host);
         if gateway && kms_options.verify_image {
             return Err(failed("stack options")(
                 "the gateway's simulated identity has no OS image: use verify_image = false with the gateway".into(),
             ));
         }
-        if gateway {
+        if !matches!(gateway_kind, GatewayKind::None) {
             crate::pebble::binaries()?;
         }
         std::fs::create_dir_all(dir.join("images"))
@@ -286,14 +394,23 @@ impl Stack {
 
         let kms_port = free_port()?;
         let gw_ports = if gateway { Some(GatewayPorts::pick()?) } else { None };
-        let gateway_urls = gw_ports.map(|p| format!("\"{}\"", p.guest_url())).unwrap_or_default();
+        let cvm_ports = match gateway_kind {
+            GatewayKind::Cvm(_) => Some(CvmPorts::pick()?),
+            _ => None,
+        };
+        let gateway_urls = gw_ports
+            .map(|p| p.guest_url())
+            .or(cvm_ports.map(|p| p.guest_url()))
+            .map(|u| format!("\"{u}\""))
+            .unwrap_or_default();
         let cfg = VmmConfig::parse(&format!(
             "address = \"unix:{dir}/vmm.sock\"\n[image]\npath = \"{dir}/images\"\n[cvm]\nbackend = \"tcg\"\n\
              run_path = \"{dir}/run/vm\"\nkms_urls = [\"https://10.0.2.2:{kms_port}\"]\n\
              gateway_urls = [{gateway_urls}]\n\
              docker_registry = \"http://10.0.2.2:{registry_port}\"\n\
              [cvm.port_mapping]\nenabled = true\naddress = \"127.0.0.1\"\n\
-             range = [{{ protocol = \"tcp\", from = 1024, to = 65535 }}]\n",
+             range = [{{ protocol = \"tcp\", from = 1024, to = 65535 }}, \
+             {{ protocol = \"udp\", from = 1024, to = 65535 }}]\n",
             dir = dir.display()
         ))
         .map_err(|e| failed("VM manager configuration")(e.to_string()))?;
@@ -325,6 +442,20 @@ impl Stack {
                 None
             },
             gateway: None,
+            gateway_cvm: None,
+            gateway_cvm_app_id: None,
+        };
+        // The gateway appliance is packaged for this run before the KMS starts: the KMS names its app id.
+        let prepared = match (&gateway_kind, cvm_ports) {
+            (GatewayKind::Cvm(gw_inputs), Some(ports)) => {
+                let signer = dstack_sim_tdx::ensure_signer(&stack.mgr.config.sim_tdx_state_dir())
+                    .map_err(|e| failed("the VM manager's simulator root")(e.to_string()))?;
+                let p =
+                    gateway_cvm::prepare(dir, gw_inputs, ports, registry_port, signer.root_pin_spki_sha256()).await?;
+                stack.gateway_cvm_app_id = Some(p.package.app_id.clone());
+                Some(p)
+            }
+            _ => None,
         };
         stack.start_kms(kms_options).await?;
         if let (Some(ports), Some(id)) = (gw_ports, &stack.gateway_identity) {
@@ -339,7 +470,7 @@ impl Stack {
             .await?;
             stack.gateway = Some(gw);
         }
-        Ok(stack)
+        Ok((stack, prepared))
     }
 
     /// The simulated TDX module's root certificate (what verifiers pin to accept this host's CVMs).
@@ -364,9 +495,11 @@ impl Stack {
                 .map_err(|e| failed("KMS image cache")(e.to_string()))?;
         }
         // With the gateway: its simulator root is pinned too, and the dev policy names its app.
-        let (gw_root, gw_app) = match &self.gateway_identity {
-            Some(g) => (format!(", \"{}\"", g.sim_root.display()), hex::encode(g.app_id)),
-            None => (String::new(), String::new()),
+        let (gw_root, gw_app) = match (&self.gateway_identity, &self.gateway_cvm_app_id) {
+            (Some(g), _) => (format!(", \"{}\"", g.sim_root.display()), hex::encode(g.app_id)),
+            // The gateway CVM is attested by the VM manager's simulator like any CVM.
+            (None, Some(app_id)) => (String::new(), app_id.clone()),
+            (None, None) => (String::new(), String::new()),
         };
         let toml = format!(
             "[rpc]\naddress = \"127.0.0.1\"\nport = {port}\n[core]\ncert_dir = \"{dir}/kms-certs\"\ntee = \"none\"\n\
@@ -395,6 +528,29 @@ impl Stack {
                 .map_err(|e| e.to_string())
         })
         .await
+    }
+
+    /// Whether a gateway (host or CVM) runs in this stack.
+    pub fn has_gateway(&self) -> bool {
+        self.gateway.is_some() || self.gateway_cvm.is_some()
+    }
+
+    /// `GET` through the stack's gateway (the CVM one if any) with SNI `<app_id>-<port>.<base>`.
+    pub async fn gateway_get(&self, app_id: &str, port: u16, path: &str) -> Result<(u16, String), String> {
+        match (&self.gateway_cvm, &self.gateway) {
+            (Some(g), _) => g.get(app_id, port, path).await,
+            (None, Some(g)) => g.get(app_id, port, path).await,
+            (None, None) => Err("no gateway in this stack".into()),
+        }
+    }
+
+    /// The app's URL through the stack's gateway and the curl command that fetches it from this host.
+    pub fn gateway_url(&self, app_id: &str, port: u16) -> Option<(String, String)> {
+        match (&self.gateway_cvm, &self.gateway) {
+            (Some(g), _) => Some((g.url(app_id, port), g.curl(app_id, port))),
+            (None, Some(g)) => Some((g.url(app_id, port), g.curl(app_id, port))),
+            (None, None) => None,
+        }
     }
 
     /// The KMS URL as seen from this host.

@@ -33,21 +33,6 @@ const BEFORE: u64 = 8;
 /// commits mix with the fsyncs.
 const WRITE_TIME: Duration = Duration::from_secs(7);
 
-fn inputs() -> Option<Inputs> {
-    match Inputs::from_env() {
-        Ok(i) => Some(i),
-        Err(e) => {
-            assert_ne!(
-                std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-                Ok("1"),
-                "cvm_kill: {e}"
-            );
-            eprintln!("SKIPPED cvm_kill: {e}");
-            None
-        }
-    }
-}
-
 /// The payload of record `seq`: derived from `seq` alone, 200 to ~3.2 KB so lines cross 4 KiB blocks.
 fn payload(seq: u64) -> Vec<u8> {
     let len = 200 + (seq * 997 % 3000) as usize;
@@ -131,7 +116,9 @@ fn qemu_pid(stack: &Stack, id: &str, work_dir: &Path) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_of_the_cvm() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("cvm_kill") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let stack = Stack::start(dir.path(), inputs, KmsOptions::default()).await.unwrap();
     let port = free_port().unwrap();

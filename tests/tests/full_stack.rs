@@ -10,28 +10,13 @@
 
 use std::time::{Duration, Instant};
 
-use dstack_e2e::stack::{AppSpec, free_port, http_get, tail};
+use dstack_e2e::stack::{AppSpec, free_port, http_get, skip_or_fail, tail};
 use dstack_e2e::{Gateway, Inputs, KmsOptions, Stack, StackError, verify_cvm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One CVM at a time: each keeps a core busy under software emulation.
 static ONE_CVM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn inputs() -> Option<Inputs> {
-    match Inputs::from_env() {
-        Ok(i) => Some(i),
-        Err(e) => {
-            assert_ne!(
-                std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-                Ok("1"),
-                "full_stack: {e}"
-            );
-            eprintln!("SKIPPED full_stack: {e}");
-            None
-        }
-    }
-}
 
 fn demo(stack: &Stack, greeting: &str, port: u16) -> AppSpec {
     let mut app = AppSpec::demo(&stack.app_image, greeting, port);
@@ -43,7 +28,9 @@ fn demo(stack: &Stack, greeting: &str, port: u16) -> AppSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cvm_boots_serves_the_app_verifies_and_keeps_its_data_across_a_restart() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("full_stack") else {
+        return;
+    };
     let _one = ONE_CVM.lock().await;
     let measurements = inputs.image_dir.join("measurements.json");
     let dir = tempfile::tempdir().unwrap();
@@ -104,7 +91,9 @@ async fn cvm_boots_serves_the_app_verifies_and_keeps_its_data_across_a_restart()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_that_refuses_simulated_quotes_releases_no_key() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("full_stack") else {
+        return;
+    };
     let _one = ONE_CVM.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let options = KmsOptions {
@@ -129,19 +118,11 @@ async fn kms_that_refuses_simulated_quotes_releases_no_key() {
     assert!(http_get(port, "/").is_err(), "the app must not run");
 }
 
-fn skip_or_fail(what: &str, e: &StackError) -> bool {
-    assert_ne!(
-        std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-        Ok("1"),
-        "{what}: {e}"
-    );
-    eprintln!("SKIPPED {what}: {e}");
-    true
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_answers_through_the_gateway_over_https() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("full_stack") else {
+        return;
+    };
     if let Err(e) = dstack_e2e::pebble::binaries() {
         skip_or_fail("app_answers_through_the_gateway_over_https", &e);
         return;

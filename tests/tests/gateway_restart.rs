@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use dstack_e2e::stack::{APP_PORT, AppSpec, free_port, http_get, tail};
+use dstack_e2e::stack::{APP_PORT, AppSpec, free_port, http_get, skip_or_fail, tail};
 use dstack_e2e::{Gateway, Inputs, KmsOptions, Stack, StackError};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -21,15 +21,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// or the periodic refresh at 66 s at the latest) plus `RegisterCvm` (quote, RA-TLS) and a handshake under
 /// TCG emulation, with margin.
 const RECOVERY_BOUND: Duration = Duration::from_secs(150);
-
-fn skip_or_fail(e: &StackError) {
-    assert_ne!(
-        std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-        Ok("1"),
-        "gateway_restart: {e}"
-    );
-    eprintln!("SKIPPED gateway_restart: {e}");
-}
 
 /// GET / through the gateway until it answers 200 or `limit` passes; the page and the time it took, or the
 /// last failure.
@@ -58,17 +49,20 @@ fn gateway_lines(log: &str) -> String {
 async fn cvm_registers_again_after_a_gateway_restart_and_answers_through_it() {
     let inputs = match Inputs::from_env() {
         Ok(i) => i,
-        Err(e) => return skip_or_fail(&e),
+        Err(e) => return skip_or_fail("gateway_restart", &e),
     };
     if let Err(e) = dstack_e2e::pebble::binaries() {
-        return skip_or_fail(&e);
+        return skip_or_fail("gateway_restart", &e);
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-        return skip_or_fail(&StackError::Missing {
-            what: "root and /dev/net/tun".into(),
-            hint: "the gateway's WireGuard tun device lives in the host network namespace".into(),
-        });
+        return skip_or_fail(
+            "gateway_restart",
+            &StackError::Missing {
+                what: "root and /dev/net/tun".into(),
+                hint: "the gateway's WireGuard tun device lives in the host network namespace".into(),
+            },
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let options = KmsOptions {

@@ -31,21 +31,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn inputs() -> Option<Inputs> {
-    match Inputs::from_env() {
-        Ok(i) => Some(i),
-        Err(e) => {
-            assert_ne!(
-                std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-                Ok("1"),
-                "replayed_quote: {e}"
-            );
-            eprintln!("SKIPPED replayed_quote: {e}");
-            None
-        }
-    }
-}
-
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -121,7 +106,9 @@ async fn get_app_key_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quote_replayed_under_another_key_gets_no_key() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("replayed_quote") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let stack = Stack::start(dir.path(), inputs, KmsOptions::default()).await.unwrap();
     let port = free_port().unwrap();

@@ -24,21 +24,6 @@ use sha2::{Digest, Sha256};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn inputs() -> Option<Inputs> {
-    match Inputs::from_env() {
-        Ok(i) => Some(i),
-        Err(e) => {
-            assert_ne!(
-                std::env::var("DSTACK_REQUIRE_FIXTURES").as_deref(),
-                Ok("1"),
-                "tamper: {e}"
-            );
-            eprintln!("SKIPPED tamper: {e}");
-            None
-        }
-    }
-}
-
 /// Copies the image directory `src` to `images/<name>` (regular files, so they can be modified).
 fn copy_image(src: &Path, images: &Path, name: &str) -> std::path::PathBuf {
     let dst = images.join(name);
@@ -96,7 +81,9 @@ async fn refused(stack: &Stack, app: &AppSpec, case: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_boot_inputs_and_config_get_no_keys_and_lose_no_data() {
-    let Some(inputs) = inputs() else { return };
+    let Some(inputs) = Inputs::for_test("tamper") else {
+        return;
+    };
     let original = inputs.image_dir.clone();
     let measurements = original.join("measurements.json");
     let dir = tempfile::tempdir().unwrap();

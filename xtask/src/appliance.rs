@@ -177,7 +177,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<i32> {
 }
 
 /// Builds the appliance binaries statically (the guest images' `target-static` cache and flags).
-fn build_static(root: &Path, apps: &[Appliance]) -> Result<PathBuf> {
+pub fn build_static(root: &Path, apps: &[Appliance]) -> Result<PathBuf> {
     let static_dir = cache::subdir("target-static")?;
     eprintln!("xtask: building the appliance binaries (static, release)");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -191,6 +191,14 @@ fn build_static(root: &Path, apps: &[Appliance]) -> Result<PathBuf> {
     }
     proc::run(&mut cmd).context("building the static appliance binaries")?;
     Ok(static_dir.join(TARGET).join("release"))
+}
+
+/// The static `dstack-gateway` the demo and the end-to-end tests package per run as the gateway CVM.
+pub fn static_gateway(root: &Path) -> Result<PathBuf> {
+    let gateway: Vec<Appliance> = APPLIANCES.iter().copied().filter(|a| a.key == "gateway").collect();
+    Ok(build_static(root, &gateway)
+        .context("building the gateway appliance")?
+        .join("dstack-gateway"))
 }
 
 fn tempdir_under(out: &Path) -> Result<PathBuf> {
@@ -334,10 +342,24 @@ fn package(
     }
     std::fs::write(out.join(app.config), &config)?;
     let image_ref = format!("{}@{digest}", app.repo);
+    let compose_template = read("docker-compose.yaml")?;
+    // The compose file sees the appliance's variables too; a placeholder alone on its line is the body of a
+    // block scalar (`content: |`), so its value is indented like the config.
     let mut compose_vars = BTreeMap::new();
+    for (name, value) in vars {
+        let value = if compose_template.contains(&format!("\n@{name}@\n")) {
+            indent_block(value, 6)
+        } else {
+            value.clone()
+        };
+        compose_vars.insert(name.clone(), value);
+    }
     compose_vars.insert("IMAGE".to_owned(), image_ref.clone());
     compose_vars.insert("CONFIG".to_owned(), indent_block(&config, 6));
-    let compose = render(&read("docker-compose.yaml")?, &compose_vars, "docker-compose.yaml")?;
+    let compose = render(&compose_template, &compose_vars, "docker-compose.yaml")?;
+    if compose.contains('$') {
+        bail!("docker-compose.yaml: the rendered file contains `$`, which docker compose would interpolate");
+    }
     std::fs::write(out.join("docker-compose.yaml"), &compose)?;
 
     let app_compose = app_compose_json(app, &compose)?;
@@ -539,6 +561,57 @@ mod tests {
         let e = render("@MISSING@", &vars, "kms.toml").unwrap_err().to_string();
         assert!(e.contains("kms.toml") && e.contains("@MISSING@"), "{e}");
         assert_eq!(indent_block("a\n\nb\n", 2), "  a\n\n  b");
+    }
+
+    #[test]
+    fn gateway_compose_variables_reach_the_command_and_the_acme_ca_block() {
+        let work = tempfile::tempdir().unwrap();
+        let bins = work.path().join("bin");
+        std::fs::create_dir_all(&bins).unwrap();
+        fake_binaries(&bins, "v1");
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIBAA==\n-----END CERTIFICATE-----";
+        let sets = [
+            (Some("gateway".to_owned()), "ACME_CA".to_owned(), pem.to_owned()),
+            (
+                Some("gateway".to_owned()),
+                "GATEWAY_ARGS".to_owned(),
+                ", \"--challtestsrv\", \"10.0.2.2:8055\"".to_owned(),
+            ),
+            (
+                Some("gateway".to_owned()),
+                "CERTBOT".to_owned(),
+                "{ enabled = true, acme_url = \"https://10.0.2.2:14000/dir\" }".to_owned(),
+            ),
+        ];
+        let gw: Vec<Appliance> = APPLIANCES.into_iter().filter(|a| a.key == "gateway").collect();
+        package_all(&templates(), &bins, &gw, &sets, work.path()).unwrap();
+        let dir = work.path().join("gateway");
+        let compose = std::fs::read_to_string(dir.join("docker-compose.yaml")).unwrap();
+        let config = std::fs::read_to_string(dir.join("gateway.toml")).unwrap();
+        assert!(config.contains("certbot = { enabled = true, acme_url = \"https://10.0.2.2:14000/dir\" }"));
+        let script = "import yaml,sys,json\nd=yaml.safe_load(sys.stdin.read())\n\
+                      print(json.dumps([d['services']['gateway']['command'], d['configs']['acme_ca']['content']]))";
+        if let Some(out) = python(script, &compose) {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                v[0],
+                serde_json::json!([
+                    "--config",
+                    "/etc/dstack-gateway/gateway.toml",
+                    "--challtestsrv",
+                    "10.0.2.2:8055"
+                ])
+            );
+            assert_eq!(v[1], format!("{pem}\n"));
+        }
+        // Defaults: no extra arguments, certbot off.
+        let plain = work.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        package_all(&templates(), &bins, &gw, &[], &plain).unwrap();
+        let compose = std::fs::read_to_string(plain.join("gateway/docker-compose.yaml")).unwrap();
+        assert!(compose.contains("command: [\"--config\", \"/etc/dstack-gateway/gateway.toml\"]"));
+        let config = std::fs::read_to_string(plain.join("gateway/gateway.toml")).unwrap();
+        assert!(config.contains("certbot = { enabled = false }"));
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! `dstack-demo` (run by `cargo xtask demo`): the whole stack with the example app, then a report.
 //!
-//! Starts the local registry with the demo app image, the KMS, the gateway (pebble certificates) and the VM
-//! manager; deploys the demo app with an encrypted env var; waits with progress output until it answers, on
-//! its host port and through the gateway over HTTPS; verifies the CVM from outside;
-//! prints URLs, identities, the verdict and the boot phase timings; then keeps running until Ctrl-C and
-//! stops everything cleanly.
+//! Starts the local registry with the demo app image, pebble, the KMS and the VM manager; deploys the gateway
+//! appliance as a CVM (packaged for this run, its attestation verified: RA-TLS chain to the KMS root, quote,
+//! published measurements, compose hash); deploys the demo app with an encrypted env var; waits with progress
+//! output until it answers, on its host port and through the gateway CVM over HTTPS; verifies the app CVM
+//! from outside; prints URLs, identities, the verdicts and the boot phase timings; then keeps running until
+//! Ctrl-C and stops everything cleanly.
+//!
+//! `DSTACK_DEMO_HOST_GATEWAY=1` runs the gateway in-process on the host instead (simulated identity, KMS
+//! without OS image verification; needs root and /dev/net/tun): the previous mode, kept as a fallback.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dstack_e2e::stack::{AppSpec, free_port, http_get};
-use dstack_e2e::{Inputs, KmsOptions, Stack, verify_cvm};
+use dstack_e2e::{GatewayCvmInputs, Inputs, KmsOptions, Stack, verify_cvm};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -29,37 +33,84 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!("==> work directory {}", dir.display());
     let t0 = Instant::now();
-    // The gateway needs pebble, root and /dev/net/tun; without them the demo runs without it, and says so.
-    let gateway_missing = dstack_e2e::pebble::binaries().err().map(|e| e.to_string()).or_else(|| {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        (!root || !std::path::Path::new("/dev/net/tun").exists())
-            .then(|| "the gateway's WireGuard device needs root and /dev/net/tun".to_owned())
-    });
-    let stack = match &gateway_missing {
-        None => {
-            // The gateway's simulated identity has no OS image for the KMS to check (see dstack_e2e::gateway).
-            let options = KmsOptions {
-                verify_image: false,
-                ..KmsOptions::default()
-            };
-            Stack::start_with_gateway(&dir, inputs, options).await?
+    println!(
+        "==> VM manager: backend tcg — QEMU software emulation with the SIMULATED TDX module (no TDX here);\n    every CVM below runs under it"
+    );
+    let host_gateway = std::env::var_os("DSTACK_DEMO_HOST_GATEWAY").is_some_and(|v| v == "1");
+    let stack = if host_gateway {
+        // The gateway needs pebble, root and /dev/net/tun; without them the demo runs without it, and says so.
+        let missing = dstack_e2e::pebble::binaries().err().map(|e| e.to_string()).or_else(|| {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            (!root || !std::path::Path::new("/dev/net/tun").exists())
+                .then(|| "the host gateway's WireGuard device needs root and /dev/net/tun".to_owned())
+        });
+        match missing {
+            None => {
+                // Its simulated identity has no OS image for the KMS to check (see dstack_e2e::gateway).
+                let options = KmsOptions {
+                    verify_image: false,
+                    ..KmsOptions::default()
+                };
+                Stack::start_with_gateway(&dir, inputs, options).await?
+            }
+            Some(why) => {
+                println!("==> WITHOUT the gateway: {why}");
+                Stack::start(&dir, inputs, KmsOptions::default()).await?
+            }
         }
-        Some(why) => {
-            println!("==> WITHOUT the gateway: {why}");
-            Stack::start(&dir, inputs, KmsOptions::default()).await?
+    } else {
+        match GatewayCvmInputs::from_env() {
+            Ok(gw) => {
+                println!("==> gateway appliance: packaging, then booting it as a CVM (KMS verifies OS images)");
+                let t = Instant::now();
+                let stack = Stack::start_with_gateway_cvm(&dir, inputs, KmsOptions::default(), gw, |p| {
+                    println!("    gateway {p}")
+                })
+                .await?;
+                println!("==> stack with the gateway CVM up after {:.1?}", t.elapsed());
+                stack
+            }
+            Err(e) => {
+                println!("==> WITHOUT the gateway: {e}");
+                Stack::start(&dir, inputs, KmsOptions::default()).await?
+            }
         }
     };
     println!(
-        "==> registry http://127.0.0.1:{} holds {}\n==> KMS {} (dev policy, simulated quotes accepted under the pinned root {})",
+        "==> registry http://127.0.0.1:{} holds {}\n==> KMS {} (dev policy, simulated quotes accepted under the pinned root {}; \
+         OS image verification {})",
         stack.registry_port,
         stack.app_image,
         stack.kms_url(),
-        stack.sim_root().display()
+        stack.sim_root().display(),
+        if stack.kms_options.verify_image { "on" } else { "off" }
     );
+    if let Some(gw) = &stack.gateway_cvm {
+        println!(
+            "==> gateway CVM {} (appliance image {}): app id {}, compose hash {}\n    RegisterCvm 127.0.0.1:{} \
+             (guests: {}), proxy 127.0.0.1:{} for *.{}, WireGuard UDP 127.0.0.1:{} (guests: 10.0.2.2:{})\n    \
+             RPC answering {:.1?} after CreateVm, proxy listening after {:.1?}",
+            gw.vm_id,
+            gw.package.image,
+            gw.package.app_id,
+            gw.package.compose_hash,
+            gw.ports.rpc,
+            gw.ports.guest_url(),
+            gw.ports.proxy,
+            dstack_e2e::gateway::BASE_DOMAIN,
+            gw.ports.wg,
+            gw.ports.wg,
+            gw.timings.rpc_up,
+            gw.timings.proxy_up
+        );
+        println!("==> gateway CVM attestation (its RPC certificate chain, quote, event log, published values):");
+        print!("{}", gw.attestation.report());
+        anyhow::ensure!(gw.attestation.ok(), "the gateway CVM's attestation did not verify");
+    }
     if let Some(gw) = &stack.gateway {
         println!(
-            "==> gateway: RegisterCvm https://127.0.0.1:{} (guests: {}), WireGuard UDP {}, proxy 127.0.0.1:{} for \
+            "==> host gateway: RegisterCvm https://127.0.0.1:{} (guests: {}), WireGuard UDP {}, proxy 127.0.0.1:{} for \
              *.{}; certificate from pebble; its RPC certificate from the KMS for the (simulated) gateway app {}; KMS \
              OS image verification is off in this mode",
             gw.ports.rpc,
@@ -70,12 +121,11 @@ async fn main() -> anyhow::Result<()> {
             hex::encode(gw.app_id)
         );
     }
-    println!("==> VM manager: backend tcg — QEMU software emulation with the SIMULATED TDX module (no TDX here)");
     let port = free_port()?;
     let mut app = AppSpec::demo(&stack.app_image, "Hello from inside a (simulated) TDX CVM!", port);
     app.vcpus = 1;
     app.memory_mb = 2048;
-    app.gateway = stack.gateway.is_some();
+    app.gateway = stack.has_gateway();
     let id = stack.deploy(&app).await?;
     println!(
         "==> deployed app {:?} as VM {id}; GREETING is encrypted to the KMS's per-app key",
@@ -91,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     println!("==> app answering at http://127.0.0.1:{port}/ after {boot:.1?}");
     let (_, info) = http_get(port, "/info").map_err(anyhow::Error::msg)?;
     println!("==> identity (from the guest agent inside the CVM): {info}");
-    if let Some(gw) = &stack.gateway {
+    if stack.has_gateway() {
         let app_id = serde_json::from_str::<serde_json::Value>(&info)?["app_id"]
             .as_str()
             .context("app_id in /info")?
@@ -99,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let port = dstack_e2e::stack::APP_PORT;
         loop {
-            let last = match gw.get(&app_id, port, "/").await {
+            let last = match stack.gateway_get(&app_id, port, "/").await {
                 Ok((200, _)) => break,
                 Ok((s, _)) => format!("HTTP {s}"),
                 Err(e) => e,
@@ -110,12 +160,17 @@ async fn main() -> anyhow::Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let (url, curl) = stack.gateway_url(&app_id, port).context("gateway URL")?;
+        let kind = if stack.gateway_cvm.is_some() {
+            "gateway CVM"
+        } else {
+            "host gateway"
+        };
         println!(
-            "==> app answering through the gateway over HTTPS at {} ({:.1?} after it answered on its port)",
-            gw.url(&app_id, port),
+            "==> app answering through the {kind} over HTTPS at {url} ({:.1?} after it answered on its port)",
             t.elapsed()
         );
-        println!("    try: {}", gw.curl(&app_id, port));
+        println!("    try: {curl}");
     }
 
     let verdict = verify_cvm(port, &measurements, &stack.sim_root(), &app.app_compose()).map_err(anyhow::Error::msg)?;
