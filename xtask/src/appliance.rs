@@ -193,12 +193,18 @@ pub fn build_static(root: &Path, apps: &[Appliance]) -> Result<PathBuf> {
     Ok(static_dir.join(TARGET).join("release"))
 }
 
-/// The static `dstack-gateway` the demo and the end-to-end tests package per run as the gateway CVM.
+/// The static `dstack-gateway` the demo packages per run as the gateway CVM.
 pub fn static_gateway(root: &Path) -> Result<PathBuf> {
     let gateway: Vec<Appliance> = APPLIANCES.iter().copied().filter(|a| a.key == "gateway").collect();
     Ok(build_static(root, &gateway)
         .context("building the gateway appliance")?
         .join("dstack-gateway"))
+}
+
+/// Every appliance's static binary (one build), for the end-to-end tests that boot them as CVMs; returns the
+/// directory holding them.
+pub fn static_appliances(root: &Path) -> Result<PathBuf> {
+    build_static(root, &APPLIANCES).context("building the appliance binaries")
 }
 
 fn tempdir_under(out: &Path) -> Result<PathBuf> {
