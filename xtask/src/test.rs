@@ -138,7 +138,10 @@ pub fn run(opts: &TestOptions) -> Result<i32> {
         env.push(("DSTACK_DEMO_APP_BIN".into(), image.demo_app.display().to_string()));
         // The gateway and KMS CVM tests package their appliance per run (through this xtask binary).
         let bins = crate::appliance::static_appliances(&root)?;
-        env.push(("DSTACK_GATEWAY_BIN".into(), bins.join("dstack-gateway").display().to_string()));
+        env.push((
+            "DSTACK_GATEWAY_BIN".into(),
+            bins.join("dstack-gateway").display().to_string(),
+        ));
         env.push(("DSTACK_KMS_BIN".into(), bins.join("dstack-kms").display().to_string()));
         let xtask = std::env::current_exe().context("locating the xtask binary")?;
         env.push(("DSTACK_XTASK".into(), xtask.display().to_string()));

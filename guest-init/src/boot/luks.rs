@@ -446,7 +446,10 @@ pub fn check_and_mount_ext4(dev: &Path, mount_point: &Path) -> Result<(), LuksEr
         source,
     })?;
     // What e2fsck did (journal replay after an unclean stop, fixes) belongs in the boot log.
-    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         tracing::info!("e2fsck {d}: {}", line.trim());
     }
     if !matches!(out.status.code(), Some(0 | 1)) {
