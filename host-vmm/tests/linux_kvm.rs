@@ -5,7 +5,7 @@
 //! skipped with the reason: on our CI machines `/dev/kvm` is PVM, where a stock kernel needs minutes and
 //! hits instruction-emulation failures (DESIGN.md §10); the same image is booted there under the `tcg`
 //! backend by the end-to-end tests (crate `dstack-e2e`). `DSTACK_FORCE_LINUX_KVM=1` runs it anyway (with
-//! long timeouts), `DSTACK_REQUIRE_KVM=1` turns a skip into a failure.
+//! long timeouts); `DSTACK_REQUIRE_HW_VIRT=1` (for hardware-KVM CI hosts) turns the skip into a failure.
 //!
 //! Inputs: `DSTACK_E2E_IMAGE` (an image directory from `dstack-image-build build`, as for the end-to-end
 //! tests; `cargo xtask test` sets it) and `mkfs.erofs` on `$PATH` (Debian: erofs-utils).
@@ -47,9 +47,9 @@ fn serial_has(path: &Path, text: &str) -> bool {
 async fn guest_image_kernel_boots_to_guest_init_under_our_vmm() {
     const TEST: &str = "guest_image_kernel_boots_to_guest_init_under_our_vmm";
     let forced = std::env::var("DSTACK_FORCE_LINUX_KVM").is_ok_and(|v| v == "1");
-    let required = std::env::var("DSTACK_REQUIRE_KVM").is_ok_and(|v| v == "1");
+    let required = std::env::var("DSTACK_REQUIRE_HW_VIRT").is_ok_and(|v| v == "1");
     if let Some(reason) = no_hardware_virtualization().filter(|_| !forced) {
-        assert!(!required, "{TEST}: DSTACK_REQUIRE_KVM=1 but {reason}");
+        assert!(!required, "{TEST}: DSTACK_REQUIRE_HW_VIRT=1 but {reason}");
         eprintln!("SKIPPED {TEST}: {reason} (DSTACK_FORCE_LINUX_KVM=1 runs it anyway)");
         return;
     }
