@@ -7,9 +7,11 @@
 //! root CA and root k256 key: no second bootstrap), an empty directory bootstraps cleanly, and a *partial* set
 //! (killed between two moves) is completed with the keys that were generated, never replaced by fresh ones.
 
+#[path = "common/kill.rs"]
+mod kill;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,15 +21,7 @@ use dstack_rpc::kms::KmsClient;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The KMS process this test started; SIGKILLed on drop if still running.
-struct Kms(Child);
-
-impl Drop for Kms {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use kill::{KmsProc as Kms, kill_when, spawn_kms};
 
 struct Node {
     _dir: tempfile::TempDir,
@@ -67,18 +61,7 @@ fn node() -> Node {
 
 impl Node {
     fn spawn(&self) -> Kms {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        Kms(Command::new(env!("CARGO_BIN_EXE_dstack-kms"))
-            .arg("--config")
-            .arg(&self.cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap())
+        spawn_kms(&self.cfg, &self.log)
     }
 
     fn entries(&self) -> Vec<String> {
@@ -111,27 +94,18 @@ enum KillPoint {
 /// Spawns the KMS and SIGKILLs it at `point` (busy-polling the directory, so the kill lands within microseconds).
 fn kill_at(n: &Node, point: KillPoint) {
     let mut kms = n.spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let hit = match point {
+    kill_when(
+        &mut kms,
+        &format!("{point:?}"),
+        Duration::from_secs(30),
+        &n.log,
+        || match point {
             KillPoint::Start => true,
             KillPoint::FirstFile => !n.entries().is_empty(),
             KillPoint::FirstKey => n.certs.join(ROOT_CA_KEY).exists(),
             KillPoint::Complete => n.certs.join(BOOTSTRAP_INFO).exists(),
-        };
-        if hit {
-            break;
-        }
-        assert!(
-            kms.0.try_wait().unwrap().is_none(),
-            "KMS exited before {point:?}: {}",
-            std::fs::read_to_string(&n.log).unwrap_or_default()
-        );
-        assert!(Instant::now() < deadline, "no {point:?} within 30 s");
-        std::hint::spin_loop();
-    }
-    kms.0.kill().unwrap();
-    kms.0.wait().unwrap();
+        },
+    );
 }
 
 /// Which of the KMS's files exist after the kill.

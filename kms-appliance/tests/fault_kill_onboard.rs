@@ -13,10 +13,11 @@
 //! files and `GetMeta` unchanged, also across its own kill and restart).
 
 mod common;
+#[path = "common/kill.rs"]
+mod kill;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,15 +41,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The tests busy-poll and run two KMS processes and two agents each: one at a time on a 2-core machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A KMS process this test started; SIGKILLed on drop if still running.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use kill::{KmsProc as Proc, kill_when, spawn_kms};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -123,20 +116,7 @@ impl Node {
     }
 
     fn spawn(&self) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        Proc(
-            Command::new(env!("CARGO_BIN_EXE_dstack-kms"))
-                .arg("--config")
-                .arg(&self.cfg)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
+        spawn_kms(&self.cfg, &self.log)
     }
 
     fn log_text(&self) -> String {
@@ -422,32 +402,13 @@ enum KillB {
 
 /// Busy-polls B's directory and SIGKILLs B at `point` (within microseconds of the file appearing).
 fn kill_b_at(b: &Node, proc: &mut Proc, point: KillB, hook: &common::Webhook) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let hit = match point {
-            KillB::Protocol => hook.count("/bootAuth/kms") > 0,
-            KillB::FirstEntry => !b.entries().is_empty(),
-            KillB::Staging => !b.staged().is_empty(),
-            KillB::FirstKey => b.certs.join(ROOT_CA_CERT).exists(),
-            KillB::Complete => b.certs.join(BOOTSTRAP_INFO).exists(),
-        };
-        if hit {
-            break;
-        }
-        assert!(
-            proc.0.try_wait().unwrap().is_none(),
-            "B exited before {point:?}: {}",
-            b.log_text()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no {point:?} within {WAIT:?}: {}",
-            b.log_text()
-        );
-        std::hint::spin_loop();
-    }
-    proc.0.kill().unwrap();
-    proc.0.wait().unwrap();
+    kill_when(proc, &format!("B at {point:?}"), WAIT, &b.log, || match point {
+        KillB::Protocol => hook.count("/bootAuth/kms") > 0,
+        KillB::FirstEntry => !b.entries().is_empty(),
+        KillB::Staging => !b.staged().is_empty(),
+        KillB::FirstKey => b.certs.join(ROOT_CA_CERT).exists(),
+        KillB::Complete => b.certs.join(BOOTSTRAP_INFO).exists(),
+    });
 }
 
 async fn kill_new_node_then_restart(point: KillB) {
