@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -139,9 +139,6 @@ pub async fn pump_tcp(mut a: TcpStream, mut b: TcpStream, limits: PumpLimits) ->
     let up = one_way(&mut ar, &mut bw, &limits, &activity, &spliced);
     let down = one_way(&mut br, &mut aw, &limits, &activity, &spliced);
     let moved = drive(up, down, &limits, &activity).await?;
-    // Both halves are finished; make sure nothing of ours is left unflushed (a no-op for TCP).
-    let _ = aw.flush().await;
-    let _ = bw.flush().await;
     Ok((moved, spliced.into_inner()))
 }
 
